@@ -247,6 +247,19 @@ class VisionTransformer(nn.Module):
     def num_prefix_tokens(self) -> int:
         return self.cfg.num_prefix_tokens
 
+    def canonical_sublayers(self) -> dict[str, str]:
+        """Canonical sublayer name -> module path in this model, block by block.
+
+        For this timm-named ViT the two coincide. Other families (open_clip) implement the
+        same method with their own paths; sublayer capture relies on it.
+        """
+        names: dict[str, str] = {}
+        for i in range(len(self.blocks)):
+            for sub in ("attn", "mlp.fc1", "mlp.act", "mlp.fc2"):
+                names[f"blocks.{i}.{sub}"] = f"blocks.{i}.{sub}"
+            names[f"blocks.{i}"] = f"blocks.{i}"
+        return names
+
     def init_weights(self) -> None:
         """timm-style init: truncated normal (std 0.02) for linears and embeddings."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
