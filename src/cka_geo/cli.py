@@ -1,0 +1,63 @@
+"""The ``cka-geo`` command line: one subcommand per module in :mod:`cka_geo.commands`.
+
+Results go to stdout, progress to stderr. Exit codes: 0 success, 1 runtime error, 2 usage
+error. Every :class:`~cka_geo.errors.CkaGeoError` is printed as one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from cka_geo import __version__
+from cka_geo.errors import CkaGeoError
+
+# Each module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
+COMMANDS = ("compare", "plot", "pretrain", "finetune", "evaluate", "demo")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every available subcommand."""
+    parser = _Parser(prog="cka-geo", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"cka-geo {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"cka_geo.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"cka_geo.commands.{name}":
+                continue  # not built yet
+            raise
+        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script and of ``python -m cka_geo``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except CkaGeoError as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"cka-geo: error: {msg}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("cka-geo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
