@@ -1,0 +1,382 @@
+"""One training loop for pretraining and fine-tuning (nanoGPT-style: plain, readable, resumable).
+
+The model is any ``nn.Module`` with ``training_step(batch, generator) -> (loss, logs)``
+(:class:`~cka_geo.train.objectives.MAE`, :class:`~cka_geo.train.objectives.SimCLR`,
+:class:`~cka_geo.train.tasks.TaskModel`). :func:`fit` runs AdamW with linear warm-up and a
+cosine decay computed from the global step, and after every epoch writes, atomically:
+
+- ``checkpoints/epoch_NNN.pt`` and ``checkpoints/last.pt``: one dict ``{"format", "model",
+  "optimizer", "config", "epoch", "step", "rng", "history"}`` (``epoch`` = epochs done;
+  ``rng`` = torch, numpy and python global states plus the loop's own generator);
+- ``metrics.csv`` and ``metrics.json``: every record so far (per-step losses and learning
+  rates, per-epoch means and validation metrics, and whatever callbacks logged).
+
+Determinism: the data order of epoch e is ``randperm`` under a generator seeded with
+(seed, e) alone, and all of the objective's randomness comes from the loop's generator, whose
+state is checkpointed. Resuming from ``last.pt`` after a kill therefore gives weights
+bit-identical (on CPU) to an uninterrupted run. Callbacks run isolated (see
+:mod:`cka_geo.train.callbacks`), so observing the model changes nothing.
+
+Progress goes to a tqdm bar on stderr, shown only when stderr is a terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import random
+import shutil
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cka_geo.atomic import atomic_path, write_text_atomic
+from cka_geo.errors import CheckpointError, CkaGeoError, DataError, UsageError
+from cka_geo.train.callbacks import TrainContext, as_callbacks
+
+CHECKPOINT_FORMAT = "cka-geo-train/1"
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one run (stored in every checkpoint).
+
+    Attributes:
+        epochs: Total epochs.
+        batch_size: Samples per step (the last batch of an epoch may be smaller).
+        lr: Peak learning rate.
+        min_lr_ratio: Final learning rate as a fraction of ``lr`` (cosine decay).
+        warmup_steps: Linear warm-up steps.
+        weight_decay: AdamW decay on weights with ≥ 2 dimensions (none on biases, norms,
+            embeddings' 1-d parameters).
+        betas: AdamW betas.
+        grad_clip: Max global gradient norm, or None.
+        seed: Seed of the data order and of the loop's generator.
+        stop_after_epoch: Stop (as if killed) once this many epochs are done; the run can
+            be resumed. None runs to ``epochs``.
+        keep_checkpoints: Per-epoch files to keep (newest), or None for all.
+        progress: Show a progress bar; None: only if stderr is a terminal.
+        log_every: Record the step loss every this many steps.
+    """
+
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    stop_after_epoch: int | None = None
+    keep_checkpoints: int | None = None
+    progress: bool | None = None
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UsageError(f"epochs and batch size must be positive, got {self.epochs} and {self.batch_size}")
+        if not self.lr > 0:
+            raise UsageError(f"learning rate must be positive, got {self.lr}")
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` returns.
+
+    Attributes:
+        epochs_done: Epochs completed (including those before a resume).
+        step: Optimizer steps completed.
+        finished: Whether all ``epochs`` are done (False after ``stop_after_epoch``).
+        history: ``{"epochs": [...], "steps": [...]}`` records, as in ``metrics.json``.
+        checkpoint: Path of the last checkpoint written, or None.
+    """
+
+    epochs_done: int
+    step: int
+    finished: bool
+    history: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    checkpoint: Path | None = None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's ``random``, numpy's global RNG and torch's."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Learning rate at ``step``: linear warm-up, then cosine from ``lr`` to ``lr·min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total_steps - cfg.warmup_steps)
+    t = min(1.0, (step - cfg.warmup_steps) / span)
+    lo = cfg.lr * cfg.min_lr_ratio
+    return lo + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - lo)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; decay only on tensors with ≥ 2 dimensions."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UsageError("the model has no trainable parameters")
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def _rng_state() -> dict[str, Any]:
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def isolated(model: nn.Module) -> Iterator[None]:
+    """Run a callback without effect on the run: no grad, RNG states and module modes restored."""
+    rng = _rng_state()
+    modes = [m.training for m in model.modules()]
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        _set_rng_state(rng)
+        for m, mode in zip(model.modules(), modes, strict=True):
+            m.training = mode
+
+
+def _collate(dataset: Any, idx: torch.Tensor) -> Any:
+    from torch.utils.data import default_collate
+
+    return default_collate([dataset[int(i)] for i in idx])
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def write_metrics(out_dir: Path, history: dict[str, list[dict[str, Any]]]) -> None:
+    """Write ``metrics.json`` and ``metrics.csv`` (all records; union of columns) atomically."""
+    write_text_atomic(out_dir / "metrics.json", json.dumps(history, indent=1, default=float) + "\n")
+    rows = [{"kind": "epoch", **r} for r in history.get("epochs", [])] + [
+        {"kind": "step", **r} for r in history.get("steps", [])
+    ]
+    rows.sort(key=lambda r: (r.get("step", 0), r["kind"] == "epoch"))
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(out_dir / "metrics.csv", buf.getvalue())
+
+
+def load_train_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`fit` (weights-only: no pickle code runs)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such checkpoint")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{p}: cannot read training checkpoint ({type(exc).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{p}: not a cka-geo training checkpoint (format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+def fit(
+    model: nn.Module,
+    train_data: Any,
+    cfg: TrainConfig,
+    out_dir: str | Path | None = None,
+    *,
+    val_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    callbacks: Iterable[Any] | None = None,
+    resume: str | Path | None = None,
+    run_config: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``train_data``; checkpoint and record metrics after every epoch.
+
+    Args:
+        model: Module with ``training_step(batch, generator)``; only parameters with
+            ``requires_grad`` are optimised.
+        train_data: Map-style dataset (``len`` and ``[i]``) whose items collate with
+            ``default_collate``.
+        cfg: Settings.
+        out_dir: Run directory for checkpoints and metrics; None writes nothing.
+        val_fn: Called with the model after each epoch; its dict is recorded as ``val_*``.
+        callbacks: Objects following :class:`~cka_geo.train.callbacks.Callback`.
+        resume: A checkpoint of an earlier run of the same configuration to continue from.
+        run_config: Extra JSON-able settings stored in the checkpoints (model, objective...).
+
+    Returns:
+        A :class:`TrainResult`.
+    """
+    cbs = as_callbacks(callbacks)
+    n = len(train_data)
+    if n == 0:
+        raise DataError("the training dataset is empty")
+    out = Path(out_dir) if out_dir is not None else None
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    opt = make_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    config = {"train": asdict(cfg), **(run_config or {})}
+    history: dict[str, list[dict[str, Any]]] = {"epochs": [], "steps": []}
+    start_epoch, step = 0, 0
+
+    if resume is not None:
+        ckpt = load_train_checkpoint(resume)
+        old = ckpt["config"].get("train", {})
+        for key in ("batch_size", "epochs", "seed", "lr"):
+            if old.get(key) != config["train"][key]:
+                raise UsageError(f"{resume}: checkpoint has {key}={old.get(key)!r} but this run {config['train'][key]!r}")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["rng"]["generator"])
+        _set_rng_state(ckpt["rng"])
+        start_epoch, step, history = int(ckpt["epoch"]), int(ckpt["step"]), ckpt["history"]
+
+    ctx = TrainContext(model=model, encoder=getattr(model, "encoder", None), step=step,
+                       epoch=start_epoch, epochs=cfg.epochs, out_dir=out)
+
+    def sink(values: dict[str, Any]) -> None:
+        history["steps"].append({"step": ctx.step, "epoch": ctx.epoch, **values})
+
+    ctx.sink = sink
+    for cb in cbs:
+        with isolated(model):
+            cb.on_train_start(ctx)
+
+    from tqdm.auto import tqdm
+
+    show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
+    bar = tqdm(total=(cfg.epochs - start_epoch) * steps_per_epoch, file=sys.stderr, disable=not show,
+               desc="train", dynamic_ncols=True, leave=False)
+    last_path: Path | None = None
+    epochs_done = start_epoch
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            ctx.epoch = epoch
+            model.train()
+            order = _epoch_order(n, cfg.seed, epoch)
+            losses = []
+            for i in range(steps_per_epoch):
+                batch = _collate(train_data, order[i * cfg.batch_size : (i + 1) * cfg.batch_size])
+                lr = get_lr(step, total_steps, cfg)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                loss, logs = model.training_step(batch, gen)
+                if not torch.isfinite(loss):
+                    raise CkaGeoError(f"loss became {float(loss)} at step {step} (epoch {epoch}); lower --lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+                opt.step()
+                step += 1
+                losses.append(float(loss.detach()))
+                ctx.step, ctx.loss, ctx.logs = step, losses[-1], {**logs, "lr": lr}
+                if step % cfg.log_every == 0:
+                    history["steps"].append({"step": step, "epoch": epoch, "lr": lr, **logs})
+                for cb in cbs:
+                    with isolated(model):
+                        cb.on_step_end(ctx)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}")
+            record: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": float(np.mean(losses))}
+            if val_fn is not None:
+                record.update({f"val_{k}": float(v) for k, v in val_fn(model).items()})
+            ctx.logs = record
+            for cb in cbs:
+                with isolated(model):
+                    cb.on_epoch_end(ctx)
+            history["epochs"].append(record)
+            epochs_done = epoch + 1
+            if out is not None:
+                write_metrics(out, history)
+                last_path = _save(out, epochs_done, step, model, opt, gen, config, history, cfg.keep_checkpoints)
+            if cfg.stop_after_epoch is not None and epochs_done >= cfg.stop_after_epoch and epochs_done < cfg.epochs:
+                break
+    finally:
+        bar.close()
+    finished = epochs_done >= cfg.epochs
+    if finished:
+        for cb in cbs:
+            with isolated(model):
+                cb.on_train_end(ctx)
+        if out is not None:
+            write_metrics(out, history)
+    if last_path is None and out is not None and (out / "checkpoints" / "last.pt").is_file():
+        last_path = out / "checkpoints" / "last.pt"
+    return TrainResult(epochs_done, step, finished, history, last_path)
+
+
+def _save(out: Path, epochs_done: int, step: int, model: nn.Module, opt: torch.optim.Optimizer,
+          gen: torch.Generator, config: dict[str, Any], history: dict[str, Any], keep: int | None) -> Path:
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "config": config,
+        "epoch": epochs_done,
+        "step": step,
+        "rng": {**_rng_state(), "generator": gen.get_state()},
+        "history": history,
+    }
+    ckdir = out / "checkpoints"
+    path = ckdir / f"epoch_{epochs_done:03d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+    with atomic_path(ckdir / "last.pt") as tmp:
+        shutil.copyfile(path, tmp)
+    if keep is not None:
+        for old in sorted(ckdir.glob("epoch_*.pt"))[:-keep]:
+            old.unlink()
+    return ckdir / "last.pt"
+
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "TrainConfig",
+    "TrainResult",
+    "fit",
+    "get_lr",
+    "isolated",
+    "load_train_checkpoint",
+    "make_optimizer",
+    "seed_everything",
+    "write_metrics",
+]
