@@ -49,6 +49,11 @@ class ViTConfig:
         norm_eps: LayerNorm epsilon (timm ViTs use 1e-6).
         dynamic_img_size: Resample ``pos_embed`` on the fly for other input sizes instead
             of refusing them.
+        fc_norm: timm's ``fc_norm`` switch: True puts the final LayerNorm after pooling
+            (``fc_norm``), False before it (``norm``); None (default) means
+            ``global_pool == "avg"``.
+        no_embed_class: timm's ``no_embed_class``: ``pos_embed`` covers the patch tokens
+            only and the class token is prepended after the positions are added.
     """
 
     img_size: int = 224
@@ -67,6 +72,8 @@ class ViTConfig:
     num_classes: int = 0
     norm_eps: float = 1e-6
     dynamic_img_size: bool = False
+    fc_norm: bool | None = None
+    no_embed_class: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -88,6 +95,17 @@ class ViTConfig:
             raise UsageError(f"ViTConfig.global_pool must be 'token' or 'avg', got {self.global_pool!r}")
         if self.global_pool == "token" and not self.class_token:
             self.global_pool = "avg"
+
+    @property
+    def use_fc_norm(self) -> bool:
+        """Whether the final LayerNorm is ``fc_norm`` (after pooling) rather than ``norm``."""
+        return self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
+
+    @property
+    def num_pos_tokens(self) -> int:
+        """Length of ``pos_embed`` at ``img_size``."""
+        prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+        return prefix + self.grid_size**2
 
     @property
     def hidden_dim(self) -> int:
@@ -211,7 +229,9 @@ def resample_pos_embed(
     if (old, old) == tuple(new_grid):
         return pos_embed
     d = grid.shape[-1]
-    grid = grid.reshape(1, old, old, d).permute(0, 3, 1, 2).float()
+    grid = grid.reshape(1, old, old, d).permute(0, 3, 1, 2)
+    if grid.dtype not in (torch.float32, torch.float64):
+        grid = grid.float()
     grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False, antialias=True)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], d).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)
@@ -236,15 +256,20 @@ class VisionTransformer(nn.Module):
         d = cfg.embed_dim
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, d)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_prefix_tokens + cfg.grid_size**2, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_pos_tokens, d))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.norm: nn.Module = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm and cfg.global_pool == "token" else nn.Identity()
-        self.fc_norm: nn.Module = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm and cfg.global_pool == "avg" else nn.Identity()
+        use_fc = cfg.use_fc_norm
+        self.norm: nn.Module = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm and not use_fc else nn.Identity()
+        self.fc_norm: nn.Module = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm and use_fc else nn.Identity()
         self.head: nn.Module = nn.Linear(d, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.init_weights()
 
+    #: Blocks see (batch, tokens, width); capture relies on it (open_clip towers differ).
+    batch_first = True
+
     @property
     def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens (the class token, if any)."""
         return self.cfg.num_prefix_tokens
 
     def canonical_sublayers(self) -> dict[str, str]:
@@ -291,6 +316,11 @@ class VisionTransformer(nn.Module):
         """Patch-embed, prepend the class token, add positions: (B, C, H, W) -> (B, T, D)."""
         grid = self._check_input(x)
         tokens = self.patch_embed(x)
+        if self.cfg.no_embed_class:
+            tokens = tokens + resample_pos_embed(self.pos_embed, grid, 0)
+            if self.cls_token is not None:
+                tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+            return tokens
         pos = resample_pos_embed(self.pos_embed, grid, self.num_prefix_tokens)
         if self.cls_token is not None:
             tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)

@@ -1,0 +1,72 @@
+"""Model families cka-geo can build, and the ones it recognises but refuses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from cka_geo.errors import CheckpointError
+from cka_geo.openclip import OpenClipVisionConfig, OpenClipVisionTransformer
+from cka_geo.vit import VisionTransformer, ViTConfig
+
+#: family -> (config class, model class)
+FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
+    "timm": (ViTConfig, VisionTransformer),
+    "open_clip": (OpenClipVisionConfig, OpenClipVisionTransformer),
+}
+
+#: Recognised families that cannot be built, with the reason.
+UNSUPPORTED: dict[str, str] = {
+    "croma": (
+        "CROMA checkpoint detected (transformer.layers.{i}.0/.1 pairs): its ALiBi-biased "
+        "attention and paired [attention, ffn] layers have no timm equivalent; not supported"
+    ),
+    "galileo": (
+        "Galileo checkpoint detected (blocks.{i}.attn.q/.k/.v): its multi-modal token "
+        "embeddings and separate q/k/v projections are not supported"
+    ),
+    "terramind": (
+        "TerraMind checkpoint detected (encoder.{i} blocks): its multimodal token embeddings "
+        "(encoder_embeddings.*) have no single timm patch embedding; not supported"
+    ),
+}
+
+
+def family_of_config(config: Any) -> str:
+    """The family whose config class ``config`` is."""
+    for name, (cfg_cls, _) in FAMILIES.items():
+        if isinstance(config, cfg_cls):
+            return name
+    raise CheckpointError(f"unknown config type {type(config).__name__}")
+
+
+def instantiate(family: str, config: Any, device: str | torch.device = "cpu") -> nn.Module:
+    """An (uninitialised on 'meta') model of ``family`` for ``config``."""
+    if family not in FAMILIES:
+        raise CheckpointError(UNSUPPORTED.get(family, f"unknown model family {family!r}"))
+    with torch.device(device):
+        return FAMILIES[family][1](config)
+
+
+def check_keys(family: str, config: Any, sd: dict[str, torch.Tensor]) -> None:
+    """Refuse a state dict that would not load strictly, naming the first bad key."""
+    expected = {
+        k: tuple(v.shape) for k, v in instantiate(family, config, "meta").state_dict().items()
+    }
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing:
+        raise CheckpointError(
+            f"encoder lacks {len(missing)} key(s) the inferred model needs, first {missing[0]!r}"
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"encoder has {len(unexpected)} key(s) the inferred model does not know, first {unexpected[0]!r}"
+        )
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != shape:
+            raise CheckpointError(
+                f"{k!r} has shape {tuple(sd[k].shape)} but the inferred model needs {shape}"
+            )

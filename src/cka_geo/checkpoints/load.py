@@ -1,0 +1,271 @@
+"""``load_checkpoint`` and ``build_model``: from a file to an eval-mode encoder."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cka_geo.checkpoints import infer, resolve
+from cka_geo.checkpoints.families import FAMILIES, UNSUPPORTED, check_keys, instantiate
+from cka_geo.checkpoints.io import find_unreadable, json_metadata, read_checkpoint_file
+from cka_geo.checkpoints.save import MARKER
+from cka_geo.errors import CheckpointError
+
+#: Encoder keys per family (relative to the prefix); anything else is ignored.
+_TIMM_KEEP = ("patch_embed.", "blocks.", "norm.", "fc_norm.")
+_TIMM_KEEP_EXACT = ("cls_token", "pos_embed")
+_OPENCLIP_KEEP = ("conv1.", "ln_pre.", "transformer.", "ln_post.")
+_OPENCLIP_KEEP_EXACT = ("class_embedding", "positional_embedding", "proj")
+_HEAD_NAMES = ("num_heads", "heads", "n_heads")
+
+
+@dataclass
+class LoadedCheckpoint:
+    """An encoder read from a file, with how it was found.
+
+    Attributes:
+        path: The file.
+        sha256: Hex digest of the file's bytes.
+        family: ``"timm"`` or ``"open_clip"``.
+        state_dict: Encoder tensors, keys as the family's model names them (timm names for
+            ViTs, open_clip names without ``visual.``); head and decoder excluded.
+        config: :class:`~cka_geo.vit.ViTConfig` or
+            :class:`~cka_geo.openclip.OpenClipVisionConfig`.
+        prefix: The prefix chosen (containers and wrappers, dotted, e.g.
+            ``"state_dict.module.base_encoder."``); ``""`` for a bare encoder.
+        candidates: Every (prefix, number of blocks) with a block pattern, best first.
+        ignored: Keys (dotted, as in ``prefix``) not part of the encoder.
+        notes: Human-readable facts about the loading (unwrapping, assumptions, refusals).
+        head: A timm ``head.*`` found beside the encoder (``build_model(head=True)``).
+        extra: The extra entries of a file written by :func:`save_checkpoint`.
+    """
+
+    path: Path
+    sha256: str
+    family: str
+    state_dict: dict[str, torch.Tensor]
+    config: Any
+    prefix: str = ""
+    candidates: list[tuple[str, int]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    head: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _split_head(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: sd.pop(k) for k in [k for k in sd if k.startswith("head.")]}
+
+
+def _from_project_file(
+    obj: Any, metadata: dict[str, str] | None
+) -> tuple[str, Any, dict, dict] | None:
+    """(family, config, state dict, extra) of a file save_checkpoint wrote, else None."""
+    meta = json_metadata(metadata, MARKER)
+    if isinstance(meta, dict) and "config" in meta:
+        family, cfg, sd, extra = (
+            meta.get("family", "timm"),
+            meta["config"],
+            obj,
+            meta.get("extra", {}),
+        )
+    elif (
+        isinstance(obj, dict)
+        and isinstance(obj.get(MARKER), dict)
+        and isinstance(obj.get("config"), dict)
+        and isinstance(obj.get("state_dict"), dict)
+    ):
+        family, cfg, sd = obj[MARKER].get("family", "timm"), obj["config"], obj["state_dict"]
+        extra = {k: v for k, v in obj.items() if k not in ("state_dict", "config", MARKER)}
+    else:
+        return None
+    if family not in FAMILIES:
+        raise CheckpointError(f"written by cka-geo with an unknown family {family!r}")
+    return family, FAMILIES[family][0].from_dict(cfg), dict(sd), extra
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    trust: bool = False,
+    prefix: str | None = None,
+    num_heads: int | None = None,
+) -> LoadedCheckpoint:
+    """Read a checkpoint file and find its encoder.
+
+    Args:
+        path: A .safetensors, .pt, .pth, .ckpt or .bin file.
+        trust: Allow full pickle loading (runs code from the file) when weights-only
+            loading fails. Off by default; without it such files are read by a restricted
+            unpickler that runs nothing, or refused.
+        prefix: The encoder's prefix when the automatic choice is wrong (see
+            ``LoadedCheckpoint.candidates``); a candidate or a unique suffix of one.
+        num_heads: Attention heads; weights do not record them (default width / 64, or a
+            value stored in the file).
+
+    Returns:
+        The encoder and a report of how it was found.
+
+    Raises:
+        CheckpointError: One line naming the file: unreadable, refused, no encoder,
+            unsupported family (CROMA, Galileo, TerraMind) or inconsistent keys.
+    """
+    p = Path(path)
+    obj, metadata, notes = read_checkpoint_file(p, trust=trust)
+    try:
+        loaded = _resolve(p, obj, metadata, notes, prefix=prefix, num_heads=num_heads)
+    except CheckpointError as exc:
+        msg = str(exc)
+        raise CheckpointError(msg if msg.startswith(str(p)) else f"{p}: {msg}") from exc
+    loaded.sha256 = _sha256(p)
+    return loaded
+
+
+def _resolve(
+    p: Path,
+    obj: Any,
+    metadata: dict[str, str] | None,
+    notes: list[str],
+    *,
+    prefix: str | None,
+    num_heads: int | None,
+) -> LoadedCheckpoint:
+    unreadable = find_unreadable(obj)
+    if unreadable:
+        notes.append("could not read (pickled objects not run): " + ", ".join(unreadable[:6]))
+    project = _from_project_file(obj, metadata)
+    if project is not None:
+        family, config, sd, extra = project
+        if num_heads is not None and family == "timm" and num_heads != config.num_heads:
+            config = dataclasses.replace(config, num_heads=num_heads)
+            notes.append(f"num_heads={num_heads} as given (file says {config.num_heads})")
+        head = _split_head(sd) if family == "timm" else {}
+        notes.append("written by cka-geo: config read from the file, nothing inferred")
+        build_cfg = dataclasses.replace(config, num_classes=0) if family == "timm" else config
+        check_keys(family, build_cfg, sd)
+        return LoadedCheckpoint(
+            p,
+            "",
+            family,
+            sd,
+            config,
+            "",
+            [("", _depth(config))],
+            [f"head.{k[5:]}" for k in head],
+            notes,
+            head,
+            extra,
+        )
+    flat = resolve.flatten(obj)
+    candidates = resolve.find_candidates(flat.tensors)
+    chosen = resolve.choose(candidates, prefix)
+    if chosen.family in UNSUPPORTED:
+        raise CheckpointError(UNSUPPORTED[chosen.family])
+    containers, stripped = resolve.describe_prefix(chosen.prefix, flat.containers)
+    if containers:
+        where = "ckpt" + "".join(f"[{c!r}]" for c in containers)
+        why = ""
+        if containers[-1] == "teacher" and any(c[-1:] == ("student",) for c in flat.containers):
+            why = " (DINO: the teacher is preferred over the student)"
+        notes.append(f"unwrapped {where}{why}")
+    if stripped:
+        notes.append(f"stripped {stripped!r}")
+    others = [c for c in candidates if c is not chosen]
+    if others:
+        listed = ", ".join(f"{c.prefix!r} ({c.num_blocks} blocks, {c.family})" for c in others)
+        notes.append(
+            f"chose {chosen.prefix!r} ({chosen.num_blocks} blocks); other candidates: {listed}"
+        )
+    keep, keep_exact = (
+        (_TIMM_KEEP, _TIMM_KEEP_EXACT)
+        if chosen.family == "timm"
+        else (_OPENCLIP_KEEP, _OPENCLIP_KEEP_EXACT)
+    )
+    sd: dict[str, torch.Tensor] = {}
+    ignored: list[str] = []
+    for key, value in flat.tensors.items():
+        rel = key[len(chosen.prefix) :] if key.startswith(chosen.prefix) else None
+        if rel is not None and (rel in keep_exact or rel.startswith(keep)):
+            sd[rel] = value
+        else:
+            ignored.append(key)
+    if chosen.family == "timm" and f"{chosen.prefix}reg_token" in flat.tensors:
+        raise CheckpointError("register tokens (reg_token) are not supported")
+    head = {
+        k[len(chosen.prefix) :]: flat.tensors[k]
+        for k in ignored
+        if k.startswith(f"{chosen.prefix}head.")
+    }
+    if ignored:
+        notes.append(f"ignored {len(ignored)} non-encoder keys: {resolve.summarise_keys(ignored)}")
+    stored = resolve.find_hparam(flat.others, _HEAD_NAMES)
+    if chosen.family == "timm":
+        config: Any = infer.infer_timm(sd, notes, num_heads=num_heads, stored_heads=stored)
+    else:
+        config = infer.infer_open_clip(sd, notes, num_heads=num_heads, stored_heads=stored)
+    check_keys(chosen.family, config, sd)
+    return LoadedCheckpoint(
+        p,
+        "",
+        chosen.family,
+        sd,
+        config,
+        chosen.prefix,
+        [(c.prefix, c.num_blocks) for c in candidates],
+        ignored,
+        notes,
+        head,
+    )
+
+
+def _depth(config: Any) -> int:
+    return getattr(config, "depth", None) or getattr(config, "layers", 0)
+
+
+def build_model(
+    loaded: LoadedCheckpoint, *, device: str | torch.device = "cpu", head: bool = False
+) -> nn.Module:
+    """The encoder as an eval-mode model with the weights loaded strictly.
+
+    Args:
+        loaded: From :func:`load_checkpoint`.
+        device: Where to put the model.
+        head: For a timm model, also build and load the ``head`` found in the file
+            (``num_classes`` from its shape). Default: encoder only.
+
+    Returns:
+        A model with ``canonical_sublayers()``, ``num_prefix_tokens`` and ``batch_first``.
+    """
+    config = loaded.config
+    sd = dict(loaded.state_dict)
+    if loaded.family == "timm":
+        classes = (
+            loaded.head["head.weight"].shape[0] if head and "head.weight" in loaded.head else 0
+        )
+        if head and not classes:
+            raise CheckpointError(f"{loaded.path}: no head.weight to build a head from")
+        config = dataclasses.replace(config, num_classes=classes)
+        if classes:
+            sd.update(loaded.head)
+    model = instantiate(loaded.family, config, "cpu")
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"{loaded.path}: weights do not fit the model ({first})") from exc
+    return model.to(device).eval()
