@@ -106,7 +106,13 @@ def read_band(data: bytes) -> tuple[np.ndarray, float, float, float, str]:
 
 
 def to_grid(
-    arr: np.ndarray, x0: float, y0: float, res: float, gx0: float, gy0: float, shape: tuple[int, int]
+    arr: np.ndarray,
+    x0: float,
+    y0: float,
+    res: float,
+    gx0: float,
+    gy0: float,
+    shape: tuple[int, int],
 ) -> np.ndarray:
     """Nearest-neighbour resample ``arr`` onto a 10 m grid with origin (gx0, gy0).
 

@@ -1,0 +1,51 @@
+"""Data for cka-geo: the embedded Sentinel-2 scene, derived labels, users' data loaders.
+
+* :mod:`cka_geo.data.embedded`: the packaged 13-band Sentinel-2 L1C crop, its tiles
+  (:class:`EmbeddedS2Tiles`) and the default probe set (:func:`probe_images`).
+* :mod:`cka_geo.data.labels`: labels derived from spectral indices (NDWI, NDVI).
+* :mod:`cka_geo.data.folders`: folders of GeoTIFF/.npy tiles, array probe sets,
+  Sen1Floods11 and PASTIS-like layouts.
+
+Only numpy and torch are imported here; tifffile is imported where a .tif is read.
+See docs/data.md.
+"""
+
+from __future__ import annotations
+
+from cka_geo.data.embedded import (
+    BAND_NAMES,
+    BAND_SELECTIONS,
+    EmbeddedS2Tiles,
+    band_statistics,
+    embedded_cover_map,
+    iter_probe_batches,
+    load_embedded_scene,
+    probe_images,
+    select_bands,
+)
+from cka_geo.data.folders import (
+    ImageFolder,
+    PastisLike,
+    Sen1Floods11,
+    evenly_spaced_frames,
+    load_array_probes,
+    read_image,
+)
+
+__all__ = [
+    "BAND_NAMES",
+    "BAND_SELECTIONS",
+    "EmbeddedS2Tiles",
+    "ImageFolder",
+    "PastisLike",
+    "Sen1Floods11",
+    "band_statistics",
+    "embedded_cover_map",
+    "evenly_spaced_frames",
+    "iter_probe_batches",
+    "load_array_probes",
+    "load_embedded_scene",
+    "probe_images",
+    "read_image",
+    "select_bands",
+]
