@@ -108,12 +108,14 @@ class MAE(nn.Module):
         """Encode the visible patches: (B, prefix + n_keep, D)."""
         enc = self.encoder
         enc._check_input(x)
-        tokens = enc.patch_embed(x) + enc.pos_embed[:, enc.num_prefix_tokens :]
+        # pos_embed covers the class token too, unless timm's no_embed_class is set
+        prefix_pos = 0 if getattr(enc.cfg, "no_embed_class", False) else enc.num_prefix_tokens
+        tokens = enc.patch_embed(x) + enc.pos_embed[:, prefix_pos:]
         d = tokens.shape[-1]
         tokens = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
         if enc.cls_token is not None:
-            cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-            tokens = torch.cat([cls, tokens], dim=1)
+            cls = enc.cls_token + enc.pos_embed[:, :1] if prefix_pos else enc.cls_token
+            tokens = torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         for blk in enc.blocks:
             tokens = blk(tokens)
         return enc.fc_norm(enc.norm(tokens))

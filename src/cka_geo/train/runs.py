@@ -1,0 +1,225 @@
+"""Pretraining and fine-tuning end to end: what ``cka-geo pretrain/finetune/evaluate`` run.
+
+Files of a pretraining run (``out_dir``): ``pretrained.pt`` (the encoder alone, written by
+:func:`cka_geo.checkpoints.save_checkpoint`, timm keys, exact config), ``checkpoints/``
+(per-epoch training checkpoints with the objective's decoder and optimizer, for resuming),
+``metrics.csv``/``metrics.json``.
+
+Files of a fine-tuning run: ``pre.pt`` (the starting encoder, exactly as loaded), ``ft.pt``
+(the fine-tuned encoder; the task head rides in the file's ``task_head`` extra entry, outside
+the state dict, so ``compare`` sees the encoder only), ``checkpoints/``, ``metrics.*`` and
+``eval.json`` (validation and test metrics). ``cka-geo compare pre.pt ft.pt`` works on them
+as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Subset
+
+from cka_geo.atomic import write_text_atomic
+from cka_geo.errors import CheckpointError
+from cka_geo.train.loop import TrainConfig, TrainResult, fit, seed_everything
+from cka_geo.train.objectives import build_objective
+from cka_geo.train.tasks import (
+    TaskModel,
+    dataset_targets,
+    evaluate,
+    label_strata,
+    set_adaptation,
+    stratified_indices,
+)
+from cka_geo.vit import VisionTransformer, ViTConfig
+
+
+def build_vit(cfg: ViTConfig, seed: int = 0) -> VisionTransformer:
+    """A freshly initialised encoder, seeded."""
+    seed_everything(seed)
+    return VisionTransformer(cfg)
+
+
+@dataclass
+class PretrainResult:
+    """Paths and history of a pretraining run."""
+
+    encoder_path: Path | None
+    train: TrainResult
+
+
+def pretrain(
+    encoder: VisionTransformer,
+    train_data: Any,
+    out_dir: str | Path,
+    cfg: TrainConfig,
+    *,
+    objective: str = "mae",
+    objective_kwargs: dict[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
+    resume: str | Path | None = None,
+) -> PretrainResult:
+    """Self-supervised pretraining; writes ``pretrained.pt`` when all epochs are done.
+
+    Args:
+        encoder: The ViT to train (changed in place).
+        train_data: Dataset of images or ``(image, target)`` pairs (targets unused).
+        out_dir: Run directory.
+        cfg: Loop settings.
+        objective: ``"mae"`` or ``"simclr"``.
+        objective_kwargs: Passed to the objective (e.g. ``mask_ratio``, ``decoder_dim``).
+        callbacks: Loop callbacks.
+        resume: Training checkpoint to continue from.
+    """
+    from cka_geo.checkpoints import save_checkpoint
+
+    out = Path(out_dir)
+    kwargs = dict(objective_kwargs or {})
+    torch.manual_seed(cfg.seed)  # the objective's own initialisation
+    model = build_objective(objective, encoder, **kwargs)
+    run_config = {"kind": "pretrain", "objective": objective, "objective_kwargs": kwargs,
+                  "encoder": encoder.cfg.to_dict()}
+    res = fit(model, train_data, cfg, out, callbacks=callbacks, resume=resume, run_config=run_config)
+    path = None
+    if res.finished:
+        path = save_checkpoint(out / "pretrained.pt", encoder, encoder.cfg, extra={
+            "kind": "pretrained", "objective": objective, "epochs": res.epochs_done, "step": res.step,
+            "final_loss": res.history["epochs"][-1]["train_loss"] if res.history["epochs"] else math.nan,
+        })
+    return PretrainResult(path, res)
+
+
+def load_encoder(path: str | Path, trust: bool = False) -> VisionTransformer:
+    """The timm-family encoder of a checkpoint file, in train mode with gradients on."""
+    from cka_geo.checkpoints import build_model, load_checkpoint
+
+    loaded = load_checkpoint(path, trust=trust)
+    if loaded.family != "timm":
+        raise CheckpointError(f"{path}: fine-tuning needs a timm-style ViT, found {loaded.family}")
+    enc = build_model(loaded)
+    enc.requires_grad_(True)
+    return enc.train()
+
+
+@dataclass
+class FinetuneResult:
+    """Paths and metrics of a fine-tuning run."""
+
+    pre_path: Path
+    ft_path: Path | None
+    train: TrainResult
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    train_indices: list[int] = field(default_factory=list)
+
+
+def finetune(
+    pre: str | Path | VisionTransformer,
+    train_data: Any,
+    out_dir: str | Path,
+    cfg: TrainConfig,
+    *,
+    task: str,
+    num_outputs: int,
+    decoder: str = "linear",
+    taps: list[int] | None = None,
+    decoder_channels: int = 64,
+    adaptation: str = "full",
+    last_k: int = 0,
+    label_fraction: float = 1.0,
+    fraction_seed: int = 0,
+    ignore_index: int = -1,
+    val_data: Any = None,
+    test_data: Any = None,
+    callbacks: list[Any] | None = None,
+    resume: str | Path | None = None,
+    trust: bool = False,
+) -> FinetuneResult:
+    """Fine-tune an encoder for a task; writes ``pre.pt``, ``ft.pt`` and ``eval.json``.
+
+    Args:
+        pre: Checkpoint file of the starting encoder, or the encoder itself.
+        train_data: ``(image, target)`` dataset.
+        out_dir: Run directory.
+        cfg: Loop settings.
+        task: ``"classification"``, ``"regression"`` or ``"segmentation"``.
+        num_outputs: Classes or regression targets.
+        decoder: Segmentation decoder (``"linear"``, ``"upernet"``, ``"progressive"``).
+        taps: Decoder taps (default: see :mod:`cka_geo.train.decoders`).
+        decoder_channels: Decoder width.
+        adaptation: ``"frozen"``, ``"full"`` or ``"last-k"``.
+        last_k: Blocks trained under ``"last-k"``.
+        label_fraction: Share of the training labels used (stratified, seeded).
+        fraction_seed: Seed of the label-fraction draw.
+        ignore_index: Mask value ignored by the segmentation loss and metrics.
+        val_data: Evaluated after every epoch and at the end.
+        test_data: Evaluated at the end.
+        callbacks: Loop callbacks.
+        resume: Training checkpoint to continue from.
+        trust: Allow pickle for reading ``pre`` (see :func:`~cka_geo.checkpoints.load_checkpoint`).
+    """
+    from cka_geo.checkpoints import save_checkpoint
+
+    out = Path(out_dir)
+    encoder = pre if isinstance(pre, VisionTransformer) else load_encoder(pre, trust=trust)
+    pre_path = save_checkpoint(out / "pre.pt", encoder, encoder.cfg, extra={
+        "kind": "pre", "source": str(pre) if not isinstance(pre, VisionTransformer) else "",
+    })
+    torch.manual_seed(cfg.seed)  # the head's initialisation
+    model = TaskModel(encoder, task, num_outputs, decoder=decoder, taps=taps,
+                      decoder_channels=decoder_channels, ignore_index=ignore_index)
+    set_adaptation(model, adaptation, last_k)
+    indices = list(range(len(train_data)))
+    if label_fraction < 1:
+        strata = label_strata(dataset_targets(train_data), task, ignore_index=ignore_index)
+        indices = stratified_indices(strata, label_fraction, fraction_seed).tolist()
+    data = train_data if len(indices) == len(train_data) else Subset(train_data, indices)
+    run_config = {"kind": "finetune", "task": model.config(), "encoder": encoder.cfg.to_dict(),
+                  "label_fraction": label_fraction, "fraction_seed": fraction_seed,
+                  "train_samples": len(indices)}
+    val_fn = (lambda m: evaluate(m, val_data, cfg.batch_size)) if val_data is not None else None
+    res = fit(model, data, cfg, out, val_fn=val_fn, callbacks=callbacks, resume=resume, run_config=run_config)
+    result = FinetuneResult(pre_path, None, res, train_indices=indices)
+    if not res.finished:
+        return result
+    for name, ds in (("val", val_data), ("test", test_data)):
+        if ds is not None:
+            result.metrics[name] = evaluate(model, ds, cfg.batch_size)
+    result.ft_path = save_checkpoint(out / "ft.pt", model.encoder, encoder.cfg, extra={
+        "kind": "ft",
+        "task_head": {"config": model.config(), "state_dict": model.head_state()},
+        "label_fraction": label_fraction,
+        "train_samples": len(indices),
+        "epochs": res.epochs_done,
+        "metrics": result.metrics,
+    })
+    write_text_atomic(out / "eval.json", json.dumps(
+        {"task": model.config(), "label_fraction": label_fraction, "train_samples": len(indices),
+         "metrics": result.metrics}, indent=1) + "\n")
+    return result
+
+
+def load_task_model(path: str | Path, trust: bool = False) -> TaskModel:
+    """Rebuild the encoder and task head of an ``ft.pt`` written by :func:`finetune` (eval mode)."""
+    from cka_geo.checkpoints import build_model, load_checkpoint
+
+    loaded = load_checkpoint(path, trust=trust)
+    head = loaded.extra.get("task_head")
+    if not isinstance(head, dict) or "config" not in head or "state_dict" not in head:
+        raise CheckpointError(f"{path}: no task head (not an ft.pt written by cka-geo finetune)")
+    c = head["config"]
+    model = TaskModel(build_model(loaded), c["task"], c["num_outputs"], decoder=c["decoder"] or "linear",
+                      taps=c["taps"], decoder_channels=c["decoder_channels"], ignore_index=c["ignore_index"])
+    sd = {k.removeprefix("head."): v for k, v in head["state_dict"].items()}
+    try:
+        model.head.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: task head does not fit its config ({' '.join(str(exc).split())[:160]})") from None
+    return model.eval()
+
+
+__all__ = ["FinetuneResult", "PretrainResult", "build_vit", "finetune", "load_encoder",
+           "load_task_model", "pretrain"]
