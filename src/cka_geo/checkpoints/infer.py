@@ -90,6 +90,11 @@ def infer_timm(
     becomes zeros (image size 224, or 14 patches when 224 is not a multiple of the patch).
     """
     if "patch_embed.proj.weight" not in sd:
+        if any(k.startswith("patch_embed.weight_generator.") for k in sd):
+            raise CheckpointError(
+                "DOFA's wavelength-conditioned patch embedding (patch_embed.weight_generator) "
+                "is not supported"
+            )
         raise CheckpointError("no patch embedding (patch_embed.proj.weight) beside the blocks")
     w = sd["patch_embed.proj.weight"]
     if w.ndim == 5:
