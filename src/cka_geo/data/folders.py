@@ -429,7 +429,7 @@ def load_array_probes(
     if isinstance(arr, torch.Tensor):
         out = arr.detach().to(torch.float32)
     else:
-        out = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+        out = torch.from_numpy(np.array(arr, dtype=np.float32))
     if not torch.isfinite(out).all():
         raise DataError(f"{path}: probe set holds NaN or Inf")
     return out.contiguous()
