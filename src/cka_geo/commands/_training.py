@@ -1,0 +1,140 @@
+"""Arguments and helpers shared by ``cka-geo pretrain``, ``finetune``, ``evaluate`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from cka_geo.errors import UsageError
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    """argparse type: an integer ≥ 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a float in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type: comma-separated integers, e.g. ``3,5,7,11``."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Encoder architecture options (defaults: the demo's small ViT)."""
+    g = p.add_argument_group("encoder")
+    g.add_argument("--img-size", type=positive_int, default=32, help="tile size in pixels (default 32)")
+    g.add_argument("--patch-size", type=positive_int, default=4, help="patch size (default 4)")
+    g.add_argument("--bands", type=positive_int, default=13, help="input bands: 13, 12, 10, 6, 4, 3 or 1 (default 13)")
+    g.add_argument("--embed-dim", type=positive_int, default=64, help="width (default 64)")
+    g.add_argument("--depth", type=positive_int, default=12, help="blocks (default 12)")
+    g.add_argument("--heads", type=positive_int, default=2, help="attention heads (default 2)")
+
+
+def add_train_arguments(p: argparse.ArgumentParser, epochs: int, lr: float, batch_size: int = 32) -> None:
+    """Loop options."""
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=positive_int, default=epochs, help=f"epochs (default {epochs})")
+    g.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"batch size (default {batch_size})")
+    g.add_argument("--lr", type=positive_float, default=lr, help=f"peak learning rate (default {lr:g})")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
+    g.add_argument("--warmup-steps", type=nonneg_int, default=20, help="linear warm-up steps (default 20)")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and masks (default 0)")
+    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: min(cores, 8))")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
+                   help="continue an interrupted run (default file: OUT/checkpoints/last.pt)")
+    g.add_argument("--stop-after-epoch", type=positive_int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: when stderr is a terminal)")
+
+
+def set_threads(n: int | None) -> int:
+    """``torch.set_num_threads``: ``n`` or min(available cores, 8)."""
+    import torch
+
+    if n is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+        n = max(1, min(cores, 8))
+    torch.set_num_threads(n)
+    return n
+
+
+def train_config(args: argparse.Namespace) -> Any:
+    """A :class:`~cka_geo.train.loop.TrainConfig` from the parsed options."""
+    from cka_geo.train import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, seed=args.seed, progress=args.progress,
+        stop_after_epoch=args.stop_after_epoch,
+    )
+
+
+def resume_path(args: argparse.Namespace, out: Any) -> Any:
+    """The checkpoint ``--resume`` names, or None; refuses a missing one."""
+    from pathlib import Path
+
+    if args.resume is None:
+        return None
+    path = Path(out) / "checkpoints" / "last.pt" if args.resume == "auto" else Path(args.resume)
+    if not path.is_file():
+        raise UsageError(f"--resume: {path} does not exist")
+    return path
+
+
+def embedded(split: str, task: str, tile_size: int, bands: int, stride: int | None = None) -> Any:
+    """The embedded Sentinel-2 tiles of one split (see :class:`cka_geo.data.EmbeddedS2Tiles`)."""
+    from cka_geo.data import EmbeddedS2Tiles
+
+    if tile_size > 128:
+        raise UsageError(f"--img-size {tile_size}: embedded tiles are at most 128 pixels")
+    return EmbeddedS2Tiles(split, tile_size=tile_size, task=task, bands=bands, stride=stride)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """``name=value`` pairs on one line."""
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())

@@ -1,0 +1,42 @@
+"""``cka-geo evaluate``: metrics of a fine-tuned checkpoint on the embedded tiles."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cka_geo.commands import _training as T
+from cka_geo.errors import UsageError
+
+NAME = "evaluate"
+HELP = "Evaluate an ft.pt written by cka-geo finetune on a split of the embedded tiles."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``cka-geo evaluate``."""
+    p.add_argument("checkpoint", type=Path, help="ft.pt (or a finetune run directory)")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test", help="tiles (default test)")
+    p.add_argument("--batch-size", type=T.positive_int, default=64, help="batch size (default 64)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--threads", type=T.positive_int, default=None, help="torch CPU threads")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print accuracy/macro-F1/mIoU (or RMSE/R²) and the loss."""
+    from cka_geo.train.runs import load_task_model
+    from cka_geo.train.tasks import evaluate
+
+    T.set_threads(args.threads)
+    path = args.checkpoint / "ft.pt" if args.checkpoint.is_dir() else args.checkpoint
+    if not path.is_file():
+        raise UsageError(f"{path}: no such checkpoint")
+    model = load_task_model(path)
+    cfg = model.encoder.cfg
+    data = T.embedded(args.split, model.task, cfg.img_size, cfg.in_chans)
+    metrics = evaluate(model, data, args.batch_size)
+    if args.json:
+        print(json.dumps({"checkpoint": str(path), "split": args.split, "task": model.task, **metrics}))
+    else:
+        print(f"{path} {args.split} ({model.task}, {len(data)} tiles): {T.format_metrics(metrics)}")
+    return 0
