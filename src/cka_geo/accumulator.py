@@ -107,6 +107,65 @@ def cka_from_sums(cross: np.ndarray, self_a: np.ndarray, self_b: np.ndarray) -> 
     return np.where(denom > 0, out, np.nan)
 
 
+@dataclass
+class BatchGrams:
+    """One model's grams for one batch, ready for :meth:`MinibatchCKA.batch_terms`.
+
+    Made by :meth:`MinibatchCKA.prepare`. A reference model's grams can be prepared once and
+    reused against many other models (e.g. a training model at every logging step).
+
+    Attributes:
+        names: Layer names, in order.
+        n: Rows (samples) of the batch.
+        grams: (L, n, n) grams (zero diagonal for the unbiased estimator; RBF grams shifted
+            by their mean).
+        rows: (L, n) float64 row sums of the grams.
+        total: (L,) float64 sums of the grams.
+        sq: (L,) float64 squared Frobenius norms of the grams.
+        sigma: (L,) float64 RBF sigmas, or None for the linear kernel.
+        feats: The features the grams came from, kept only to word an error message; None
+            for prepared grams meant to be kept.
+    """
+
+    names: list[str]
+    n: int
+    grams: torch.Tensor
+    rows: torch.Tensor
+    total: torch.Tensor
+    sq: torch.Tensor
+    sigma: torch.Tensor | None = None
+    feats: Mapping[str, torch.Tensor] | None = None
+
+    def to(self, device: torch.device | str) -> BatchGrams:
+        """The same grams on ``device`` (``self`` if already there)."""
+        if self.grams.device == torch.device(device):
+            return self
+        sigma = None if self.sigma is None else self.sigma.to(device)
+        return BatchGrams(self.names, self.n, self.grams.to(device), self.rows.to(device),
+                          self.total.to(device), self.sq.to(device), sigma, None)
+
+
+@dataclass
+class BatchTerms:
+    """The HSIC terms of one batch: what :class:`MinibatchCKA` sums.
+
+    Attributes:
+        cross: (L_A, L_B) float64 HSIC(K^a, L^b).
+        self_a: (L_A,) float64 HSIC(K^a, K^a).
+        self_b: (L_B,) float64 HSIC(L^b, L^b).
+        n: Rows of the batch.
+        sigma_a: (L_A,) RBF sigmas of A, or None.
+        sigma_b: (L_B,) RBF sigmas of B, or None.
+    """
+
+    cross: torch.Tensor
+    self_a: torch.Tensor
+    self_b: torch.Tensor
+    n: int
+    sigma_a: torch.Tensor | None = None
+    sigma_b: torch.Tensor | None = None
+
+
 class MinibatchCKA:
     """Accumulates minibatch CKA between all layers of two models.
 
@@ -196,20 +255,23 @@ class MinibatchCKA:
                 )
         return got, int(n)  # type: ignore[arg-type]
 
-    def _grams(self, feats: Mapping[str, torch.Tensor], slot: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _grams(self, feats: Mapping[str, torch.Tensor], slot: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Grams of every layer, (L, n, n), in a buffer reused across batches.
 
         Unbiased estimator: the diagonal is zeroed (K̃ of Song et al.). RBF grams have their
         mean subtracted, a constant shift that both centerings annihilate, so that the
         float32 products below do not lose digits to the grams' large constant part.
         Returns the grams and the RBF sigmas (L,) float64 (None for the linear kernel).
+        ``slot=None`` makes a fresh buffer (grams to keep) instead of reusing one.
         """
         tensors = list(feats.values())
         n, device = tensors[0].shape[0], tensors[0].device
         dtype = self.gram_dtype or (torch.float64 if all(t.dtype == torch.float64 for t in tensors) else torch.float32)
-        buf = self._buffers.get(slot)
+        buf = None if slot is None else self._buffers.get(slot)
         if buf is None or (buf.shape, buf.dtype, buf.device) != ((len(tensors), n, n), dtype, device):
-            buf = self._buffers[slot] = torch.empty((len(tensors), n, n), dtype=dtype, device=device)
+            buf = torch.empty((len(tensors), n, n), dtype=dtype, device=device)
+            if slot is not None:
+                self._buffers[slot] = buf
         sigma = None
         if self.kernel == "rbf":
             sigma = torch.empty(len(tensors), dtype=torch.float64, device=device)
@@ -242,14 +304,86 @@ class MinibatchCKA:
         part = torch.bmm(ka.permute(1, 0, 2), kb.permute(1, 2, 0))
         return part.sum(0, dtype=torch.float64)
 
-    def _raise_nonfinite(self, feats: Mapping[str, torch.Tensor], self_terms: torch.Tensor, which: str) -> None:
+    def _raise_nonfinite(self, g: BatchGrams, self_terms: torch.Tensor, which: str) -> None:
         bad = (~torch.isfinite(self_terms)).nonzero().flatten().tolist()
-        name = list(feats)[bad[0]]
-        x = feats[name]
-        what = "NaN or Inf values" if not torch.isfinite(x).all() else "values too large for the gram's dtype"
+        name = g.names[bad[0]]
+        if g.feats is None:
+            what = "NaN or Inf values, or values too large for the gram's dtype,"
+        elif not torch.isfinite(g.feats[name]).all():
+            what = "NaN or Inf values"
+        else:
+            what = "values too large for the gram's dtype"
         raise FeatureError(
             f"layer {name!r} of model {which} has {what} in its features (batch {len(self.batch_sizes) + 1})"
         )
+
+    def prepare(
+        self, feats: Mapping[str, torch.Tensor], which: str = "A", *, keep: bool = True
+    ) -> BatchGrams:
+        """Grams and their sums for one model's features of one batch.
+
+        Args:
+            feats: Layer name -> features (n, p_layer).
+            which: ``"A"`` or ``"B"``, for error messages.
+            keep: Give the grams their own memory (to keep them, e.g. a reference model's
+                grams reused at every step). ``False`` reuses this accumulator's buffer for
+                ``which``: valid only until the next ``prepare`` of the same ``which``.
+
+        Raises:
+            FeatureError: Bad features, or fewer rows than the estimator needs.
+        """
+        names, n = self._validate(feats, which, None)
+        if n < min_samples(self.estimator):
+            raise FeatureError(
+                f"model {which}: a batch of {n} samples; the {self.estimator} estimator needs at "
+                f"least {min_samples(self.estimator)}"
+            )
+        return self._prepare(feats, names, n, None if keep else which.lower())
+
+    def _prepare(
+        self, feats: Mapping[str, torch.Tensor], names: list[str], n: int, slot: str | None
+    ) -> BatchGrams:
+        k, sigma = self._grams(feats, slot)
+        rows, tot, sq = self._terms(k)
+        return BatchGrams(names, n, k, rows, tot, sq, sigma, feats if slot is not None else None)
+
+    def batch_terms(self, ga: BatchGrams, gb: BatchGrams | None = None) -> BatchTerms:
+        """HSIC terms of one batch from prepared grams (``gb=None``: A against itself).
+
+        This is the whole per-batch computation of :meth:`update`, which sums its result;
+        other accumulators (the torchmetrics Metric, the training monitor) sum the same
+        terms.
+
+        Raises:
+            FeatureError: Different row counts, or a non-finite self term (NaN/Inf
+                features, or values too large for the gram's dtype).
+        """
+        self_compare = gb is None or gb is ga
+        gb = ga if gb is None else gb
+        if ga.n != gb.n:
+            raise FeatureError(f"model A has {ga.n} samples in this batch but model B has {gb.n}")
+        n = ga.n
+        frob = self._frobenius(ga.grams, gb.grams)
+        rows_a, tot_a, sq_a = ga.rows, ga.total, ga.sq
+        rows_b, tot_b, sq_b = gb.rows, gb.total, gb.sq
+        if self.estimator == "unbiased":
+            # Song et al. (2012), eq. 5, with K̃, L̃ the zero-diagonal grams:
+            # n(n-3) HSIC_1 = tr(K̃L̃) + (1ᵀK̃1)(1ᵀL̃1)/((n-1)(n-2)) - 2/(n-2) 1ᵀK̃L̃1
+            c1, c2, norm = 1.0 / ((n - 1) * (n - 2)), 2.0 / (n - 2), n * (n - 3)
+        else:
+            # tr(KHLH) = tr(KL) - 2/n 1ᵀKL1 + (1ᵀK1)(1ᵀL1)/n², over (n-1)²
+            c1, c2, norm = 1.0 / n**2, 2.0 / n, (n - 1) ** 2
+        cross = (frob + c1 * torch.outer(tot_a, tot_b) - c2 * rows_a @ rows_b.T) / norm
+        self_a = (sq_a + c1 * tot_a.square() - c2 * rows_a.square().sum(-1)) / norm
+        self_b = self_a if self_compare else (sq_b + c1 * tot_b.square() - c2 * rows_b.square().sum(-1)) / norm
+
+        # One host sync per batch: a NaN/Inf anywhere shows up in the self terms.
+        finite = torch.isfinite(torch.cat([self_a, self_b])).all()
+        if not bool(finite):
+            if not torch.isfinite(self_a).all():
+                self._raise_nonfinite(ga, self_a, "A")
+            self._raise_nonfinite(gb, self_b, "B")
+        return BatchTerms(cross, self_a, self_b, n, ga.sigma, gb.sigma)
 
     def update(
         self, feats_a: Mapping[str, torch.Tensor], feats_b: Mapping[str, torch.Tensor] | None = None
@@ -280,41 +414,35 @@ class MinibatchCKA:
             )
             self.samples_skipped += n
             return
+        ga = self._prepare(feats_a, names_a, n, "a")
+        gb = None if self_compare else self._prepare(feats_b, names_b, n, "b")  # type: ignore[arg-type]
+        self._add(self.batch_terms(ga, gb))
 
-        ka, sig_a = self._grams(feats_a, "a")
-        kb, sig_b = (ka, sig_a) if self_compare else self._grams(feats_b, "b")  # type: ignore[arg-type]
-        rows_a, tot_a, sq_a = self._terms(ka)
-        rows_b, tot_b, sq_b = (rows_a, tot_a, sq_a) if self_compare else self._terms(kb)
-        frob = self._frobenius(ka, kb)
-        if self.estimator == "unbiased":
-            # Song et al. (2012), eq. 5, with K̃, L̃ the zero-diagonal grams:
-            # n(n-3) HSIC_1 = tr(K̃L̃) + (1ᵀK̃1)(1ᵀL̃1)/((n-1)(n-2)) - 2/(n-2) 1ᵀK̃L̃1
-            c1, c2, norm = 1.0 / ((n - 1) * (n - 2)), 2.0 / (n - 2), n * (n - 3)
-        else:
-            # tr(KHLH) = tr(KL) - 2/n 1ᵀKL1 + (1ᵀK1)(1ᵀL1)/n², over (n-1)²
-            c1, c2, norm = 1.0 / n**2, 2.0 / n, (n - 1) ** 2
-        cross = (frob + c1 * torch.outer(tot_a, tot_b) - c2 * rows_a @ rows_b.T) / norm
-        self_a = (sq_a + c1 * tot_a.square() - c2 * rows_a.square().sum(-1)) / norm
-        self_b = self_a if self_compare else (sq_b + c1 * tot_b.square() - c2 * rows_b.square().sum(-1)) / norm
+    def update_grams(self, ga: BatchGrams, gb: BatchGrams | None = None) -> None:
+        """Add one minibatch from grams made by :meth:`prepare` (``gb=None``: A with itself).
 
-        # One host sync per batch: a NaN/Inf anywhere shows up in the self terms.
-        finite = torch.isfinite(torch.cat([self_a, self_b])).all()
-        if not bool(finite):
-            if not torch.isfinite(self_a).all():
-                self._raise_nonfinite(feats_a, self_a, "A")
-            self._raise_nonfinite(feats_a if self_compare else feats_b, self_b, "B")  # type: ignore[arg-type]
+        Gives the same sums as :meth:`update` on the features the grams came from.
+        """
+        names_b = ga.names if gb is None else gb.names
+        for which, got, names in (("A", ga.names, self.names_a), ("B", names_b, self.names_b)):
+            if names is not None and got != names:
+                raise FeatureError(f"model {which}: layers differ from the first batch ({got} vs {names})")
+        if self.names_a is None:
+            self.names_a, self.names_b = list(ga.names), list(names_b)
+        self._add(self.batch_terms(ga, gb))
 
+    def _add(self, t: BatchTerms) -> None:
         if self._cross is None:
-            self._cross, self._self_a, self._self_b = cross.clone(), self_a.clone(), self_b.clone()
+            self._cross, self._self_a, self._self_b = t.cross.clone(), t.self_a.clone(), t.self_b.clone()
         else:
-            self._cross += cross
-            self._self_a += self_a  # type: ignore[operator]
-            self._self_b += self_b  # type: ignore[operator]
+            self._cross += t.cross
+            self._self_a += t.self_a  # type: ignore[operator]
+            self._self_b += t.self_b  # type: ignore[operator]
         if self.keep_batches:
-            self._batches.append((cross, self_a, self_b))
-        if sig_a is not None:
-            self._sigmas.append((sig_a, sig_b))  # type: ignore[arg-type]
-        self.batch_sizes.append(n)
+            self._batches.append((t.cross, t.self_a, t.self_b))
+        if t.sigma_a is not None:
+            self._sigmas.append((t.sigma_a, t.sigma_b))  # type: ignore[arg-type]
+        self.batch_sizes.append(t.n)
 
     # -- results ---------------------------------------------------------------------------
 
@@ -401,4 +529,4 @@ def cka_matrix(
 
 
 
-__all__ = ["CKAResult", "MinibatchCKA", "cka_from_sums", "cka_matrix"]
+__all__ = ["BatchGrams", "BatchTerms", "CKAResult", "MinibatchCKA", "cka_from_sums", "cka_matrix"]
