@@ -1,0 +1,89 @@
+"""``cka-geo compare PRE FT``: where did fine-tuning change the model?"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cka_geo.functional import DEFAULT_RBF_FRAC
+
+NAME = "compare"
+HELP = "CKA between a pretrained and a fine-tuned checkpoint, sublayer by sublayer"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``cka-geo compare``."""
+    from cka_geo.compare import DEFAULT_SAMPLES, DEFAULT_SUBLAYERS, POOLINGS, SUBLAYER_KINDS
+
+    p.add_argument("pre", help="pretrained checkpoint (.pt .pth .ckpt .bin .safetensors)")
+    p.add_argument("ft", help="fine-tuned checkpoint")
+    p.add_argument("--data", help="probe images: a folder of .tif/.npy tiles or a .npy/.pt array (N, C, H, W); default: the embedded Sentinel-2 set")
+    p.add_argument("--sublayers", nargs="+", choices=SUBLAYER_KINDS, default=list(DEFAULT_SUBLAYERS), metavar="KIND", help=f"sublayer kinds among {', '.join(SUBLAYER_KINDS)} (default: %(default)s)")
+    p.add_argument("--kernel", choices=("linear", "rbf"), default="linear")
+    p.add_argument("--rbf-frac", type=float, default=DEFAULT_RBF_FRAC, help="RBF sigma as a fraction of the median pairwise distance (default: %(default)s)")
+    p.add_argument("--estimator", choices=("unbiased", "biased"), default="unbiased", help="unbiased: minibatch HSIC_1; biased: full-batch CKA (small N)")
+    p.add_argument("--pooling", choices=POOLINGS, default="mean", help="token pooling (default: %(default)s)")
+    p.add_argument("--samples", type=int, help=f"probe images to use (default: {DEFAULT_SAMPLES} embedded, or all of --data)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-mode", choices=("frames", "mean"), default="frames", help="time series: each frame an example, or the mean over time")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the intervals (0: none)")
+    p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--no-own-change", action="store_true", help="skip each sublayer's own change")
+    p.add_argument("--out", default="cka-geo-results", help="output directory (default: %(default)s)")
+    p.add_argument("--format", nargs="+", choices=("table", "json", "csv"), default=["table", "json", "csv"], help="outputs (default: all)")
+    p.add_argument("--no-figures", action="store_true", help="do not draw figures")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled code in the checkpoint files (only for files you trust)")
+    p.add_argument("--prefix", help="encoder prefix in the files when the automatic choice is wrong")
+    p.add_argument("--num-heads", type=int, help="attention heads when the files do not store them (default: width / 64)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar on stderr (default: when stderr is a terminal)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the comparison, print the table, write JSON/CSV and figures."""
+    from cka_geo.atomic import atomic_dir
+    from cka_geo.compare import CompareOptions, compare_checkpoints
+    from cka_geo.errors import UsageError
+    from cka_geo.report import format_table, write_results
+
+    for path in (args.pre, args.ft):
+        if not Path(path).exists():
+            raise UsageError(f"{path}: no such file")
+    opts = CompareOptions(
+        data=args.data,
+        sublayers=tuple(dict.fromkeys(args.sublayers)),
+        kernel=args.kernel,
+        rbf_frac=args.rbf_frac,
+        estimator=args.estimator,
+        pooling=args.pooling,
+        samples=args.samples,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+        time_mode=args.time_mode,
+        trust=args.trust_checkpoint,
+        prefix=args.prefix,
+        num_heads=args.num_heads,
+        own_change=not args.no_own_change,
+        bootstrap=args.bootstrap,
+        confidence=args.confidence,
+        progress=args.progress,
+    )
+    results = compare_checkpoints(args.pre, args.ft, opts)
+    files = [f for f in args.format if f != "table"]
+    written = []
+    if files or not args.no_figures:
+        with atomic_dir(args.out) as tmp:
+            write_results(results, tmp, tuple(files))
+            if not args.no_figures:
+                from cka_geo.plotting import plot_all
+
+                plot_all(results, tmp)
+            written = sorted(p.name for p in tmp.iterdir())
+    if "table" in args.format:
+        print(format_table(results))
+    if written:
+        print(f"wrote {', '.join(written)} to {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,455 @@
+"""The main job: CKA between a pretrained and a fine-tuned checkpoint, sublayer by sublayer.
+
+Flow: load both files safely and check they share one architecture
+(:mod:`cka_geo.checkpoints`), build the two encoders, run the same probe images through both
+in the same order (:mod:`cka_geo.capture`, one pass per model and batch) and accumulate CKA
+for every pair of sublayers (:class:`cka_geo.accumulator.MinibatchCKA`).
+
+Two views are reported:
+
+* Same-layer CKA, ``CKA(pre sublayer s, ft sublayer s)``: how different the representation at
+  s is. It carries every upstream change downstream, so its minimum is rarely where the
+  change was made.
+* Own change, ``CKA(pre sublayer s, ft's s applied to pre's input of s)``: what sublayer s
+  itself does differently, given the same input. The fine-tuned module is applied inside the
+  pretrained model's forward pass (the capture's ``apply``), so no extra forward runs. It is
+  accumulated in the same accumulator as extra columns, so each pretrained gram is made once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import math
+import platform
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cka_geo import __version__
+from cka_geo.accumulator import CKAResult, MinibatchCKA
+from cka_geo.bootstrap import bootstrap_ratio
+from cka_geo.capture import capture, forward_batch, resolve_sublayers, sublayer_map
+from cka_geo.checkpoints import LoadedCheckpoint, build_model, check_pair, load_checkpoint
+from cka_geo.errors import DataError, UsageError
+from cka_geo.functional import DEFAULT_RBF_FRAC, check_kernel, min_samples
+
+SCHEMA = "cka-geo/compare/v1"
+SUBLAYER_KINDS = ("attn", "fc1", "act", "fc2", "block")
+DEFAULT_SUBLAYERS = ("attn", "fc1", "fc2", "block")
+POOLINGS = ("mean", "cls", "flatten", "tokens")
+DEFAULT_SAMPLES = 512
+#: Same-layer CKA above ``1 - UNCHANGED_TOL`` counts as unchanged.
+UNCHANGED_TOL = 1e-6
+_OWN = "{}#own"
+
+
+@dataclass
+class CompareOptions:
+    """Settings of a comparison (all recorded in the results).
+
+    Attributes:
+        data: None for the embedded Sentinel-2 probe set (sized to the model's bands and
+            image size), a folder of .tif/.npy images, or a .npy/.pt array (N, C, H, W).
+        sublayers: Sublayer kinds among attn, fc1, act, fc2, block.
+        names: Explicit canonical names instead of kinds (order kept).
+        kernel: ``"linear"`` or ``"rbf"``.
+        rbf_frac: RBF bandwidth fraction of the median pairwise distance.
+        estimator: ``"unbiased"`` (minibatch HSIC_1, Nguyen et al. 2021) or ``"biased"``
+            (full-batch CKA of Kornblith et al. 2019: every sample in one batch; memory
+            grows with samples, so for small N).
+        pooling: ``"mean"`` (patch tokens), ``"cls"``, ``"flatten"`` or ``"tokens"``.
+        samples: Probe images to use (default 512 for the embedded set, all for user data).
+        batch_size: Images per batch (also the unit of the bootstrap).
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        seed: Seed of the embedded probe crops and of the bootstrap.
+        time_mode: For time-series input: ``"frames"`` or ``"mean"``.
+        trust: Allow pickle code in checkpoint files (only for files you trust).
+        prefix: Encoder prefix override for both files.
+        num_heads: Attention heads when not stored in the files (default width / 64).
+        own_change: Also compute each sublayer's own change.
+        bootstrap: Bootstrap replicates for the intervals (0 for none).
+        confidence: Level of the intervals.
+        progress: Show a progress bar on stderr (default: when stderr is a terminal).
+    """
+
+    data: str | None = None
+    sublayers: tuple[str, ...] = DEFAULT_SUBLAYERS
+    names: tuple[str, ...] | None = None
+    kernel: str = "linear"
+    rbf_frac: float = DEFAULT_RBF_FRAC
+    estimator: str = "unbiased"
+    pooling: str = "mean"
+    samples: int | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    seed: int = 0
+    time_mode: str = "frames"
+    trust: bool = False
+    prefix: str | None = None
+    num_heads: int | None = None
+    own_change: bool = True
+    bootstrap: int = 1000
+    confidence: float = 0.95
+    progress: bool | None = None
+
+    def validate(self) -> None:
+        """Raise UsageError naming the first bad option."""
+        check_kernel(self.kernel, self.estimator)
+        bad = [s for s in self.sublayers if s not in SUBLAYER_KINDS]
+        if bad or not self.sublayers:
+            raise UsageError(f"unknown sublayer {bad[0] if bad else '(none)'!r}; choose from {', '.join(SUBLAYER_KINDS)}")
+        if self.pooling not in POOLINGS:
+            raise UsageError(f"unknown pooling {self.pooling!r}; choose from {', '.join(POOLINGS)}")
+        if self.samples is not None and self.samples < min_samples(self.estimator):
+            raise UsageError(f"--samples must be at least {min_samples(self.estimator)}, got {self.samples}")
+        if self.batch_size < min_samples(self.estimator):
+            raise UsageError(f"--batch-size must be at least {min_samples(self.estimator)}, got {self.batch_size}")
+        if self.kernel == "rbf" and not self.rbf_frac > 0:
+            raise UsageError(f"--rbf-frac must be positive, got {self.rbf_frac}")
+        if not 0 < self.confidence < 1:
+            raise UsageError(f"--confidence must be in (0, 1), got {self.confidence}")
+        if self.bootstrap < 0:
+            raise UsageError(f"--bootstrap must be >= 0, got {self.bootstrap}")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; refuse an unavailable CUDA device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} asked for, but CUDA is not available")
+    return dev
+
+
+def _model_geometry(loaded: LoadedCheckpoint) -> tuple[int, int]:
+    cfg = loaded.config
+    size = getattr(cfg, "img_size", None) or cfg.image_size
+    return int(cfg.in_chans), int(size)
+
+
+def probe_batches(opts: CompareOptions, bands: int, size: int) -> tuple[Iterator[torch.Tensor], int, str]:
+    """The probe images in batches, how many there are, and a description for the record."""
+    from cka_geo.data import ImageFolder, iter_probe_batches, load_array_probes
+    from cka_geo.data.folders import iter_batches
+
+    if opts.data is None:
+        n = opts.samples or DEFAULT_SAMPLES
+        desc = f"embedded Sentinel-2 L1C crops (seed {opts.seed})"
+        return iter_probe_batches(n, bands=bands, size=size, batch_size=opts.batch_size, seed=opts.seed), n, desc
+    path = Path(opts.data)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder (--data)")
+    if path.is_dir():
+        ds = ImageFolder(path, bands=bands)
+        first = ds[0][0] if isinstance(ds[0], tuple) else ds[0]
+        if tuple(first.shape[-2:]) != (size, size):
+            raise DataError(f"{path}: images are {first.shape[-2]}x{first.shape[-1]}, the model expects {size}x{size}")
+        total = len(ds)
+        source: Iterator[torch.Tensor] = iter_batches(ds, opts.batch_size)
+    else:
+        arr = load_array_probes(path, bands=bands)
+        if arr.shape[-2:] != (size, size) and arr.ndim == 4:
+            raise DataError(f"{path}: images are {arr.shape[-2]}x{arr.shape[-1]}, the model expects {size}x{size}")
+        total = arr.shape[0]
+        source = iter(arr.split(opts.batch_size))
+    n = total if opts.samples is None else opts.samples
+    if n > total:
+        raise DataError(f"{path}: holds {total} images, fewer than --samples {n}")
+    if n < min_samples(opts.estimator):
+        raise DataError(f"{path}: holds {total} images; CKA needs at least {min_samples(opts.estimator)}")
+
+    def take() -> Iterator[torch.Tensor]:
+        left = n
+        for batch in source:
+            if left <= 0:
+                return
+            yield batch[:left]
+            left -= batch.shape[0]
+
+    return take(), n, str(path)
+
+
+def _progress(total: int, enabled: bool | None) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        unit="img",
+        desc="cka-geo compare",
+        file=sys.stderr,
+        disable=not (sys.stderr.isatty() if enabled is None else enabled),
+        leave=False,
+    )
+
+
+def _module(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    return model.get_submodule(path)
+
+
+def run_cka(
+    model_pre: torch.nn.Module,
+    model_ft: torch.nn.Module,
+    names: list[str],
+    batches: Iterator[torch.Tensor],
+    opts: CompareOptions,
+    total: int,
+) -> CKAResult:
+    """Accumulate CKA of every pre sublayer against every ft sublayer (and own changes).
+
+    Columns of the result: ``names`` for the fine-tuned model, then ``name#own`` for the
+    fine-tuned sublayer applied to the pretrained model's input when ``opts.own_change``.
+    """
+    paths_ft = sublayer_map(model_ft)
+    apply = {n: _module(model_ft, paths_ft[n]) for n in names} if opts.own_change else None
+    acc = MinibatchCKA(kernel=opts.kernel, estimator=opts.estimator, rbf_frac=opts.rbf_frac)
+    full_batch = opts.estimator == "biased"
+    held_a: list[dict[str, torch.Tensor]] = []
+    held_b: list[dict[str, torch.Tensor]] = []
+    with (
+        capture(model_pre, names, pooling=opts.pooling, apply=apply) as cap_pre,
+        capture(model_ft, names, pooling=opts.pooling) as cap_ft,
+        _progress(total, opts.progress) as bar,
+    ):
+        for x in batches:
+            pre = forward_batch(model_pre, x, cap_pre, time_mode=opts.time_mode)
+            ft = forward_batch(model_ft, x, cap_ft, time_mode=opts.time_mode)
+            cols = dict(ft.features)
+            cols.update({_OWN.format(n): f for n, f in pre.applied.items()})
+            if full_batch:
+                held_a.append(pre.features)
+                held_b.append(cols)
+            else:
+                acc.update(pre.features, cols)
+            bar.update(x.shape[0])
+    if full_batch:
+        acc.update(
+            {n: torch.cat([h[n] for h in held_a]) for n in held_a[0]},
+            {n: torch.cat([h[n] for h in held_b]) for n in held_b[0]},
+        )
+    return acc.compute()
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _kind(name: str) -> str:
+    parts = name.split(".")
+    return "block" if len(parts) == 2 else {"attn": "attn", "fc1": "fc1", "act": "act", "fc2": "fc2"}[parts[-1]]
+
+
+def _block(name: str) -> int:
+    return int(name.split(".")[1])
+
+
+def _heads_field(config: Any) -> str:
+    return "num_heads" if hasattr(config, "num_heads") else "heads"
+
+
+def _heads_assumed(loaded: LoadedCheckpoint) -> bool:
+    return any(n.startswith("num_heads=") and "assumed" in n for n in loaded.notes)
+
+
+def share_stored_heads(a: LoadedCheckpoint, b: LoadedCheckpoint) -> None:
+    """Weights do not record the head count: where one file stores it and the other's was
+    assumed (width / 64), use the stored one for both (and say so in the notes)."""
+    for known, guessed in ((a, b), (b, a)):
+        if _heads_assumed(guessed) and not _heads_assumed(known) and type(known.config) is type(guessed.config):
+            field = _heads_field(known.config)
+            heads = getattr(known.config, field)
+            if getattr(guessed.config, field) != heads:
+                guessed.config = dataclasses.replace(guessed.config, **{field: heads})
+                guessed.notes.append(f"num_heads={heads} taken from {known.path}, which stores it")
+            return
+
+
+def _checkpoint_record(loaded: LoadedCheckpoint) -> dict[str, Any]:
+    return {
+        "path": str(loaded.path),
+        "sha256": loaded.sha256,
+        "family": loaded.family,
+        "prefix": loaded.prefix,
+        "candidates": [list(c) for c in loaded.candidates],
+        "ignored_keys": len(loaded.ignored),
+        "notes": list(loaded.notes),
+    }
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "cka_geo": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def summarize(layers: list[str], diagonal: dict[str, float | None], own: dict[str, float | None] | None, identical: bool) -> dict[str, Any]:
+    """Which sublayer changed most, the first that moved, and a one-line verdict."""
+
+    def lowest(values: dict[str, float | None]) -> tuple[str | None, float | None]:
+        finite = {k: v for k, v in values.items() if v is not None}
+        if not finite:
+            return None, None
+        k = min(finite, key=lambda n: finite[n])
+        return k, finite[k]
+
+    most, most_v = lowest(diagonal)
+    first = next((n for n in layers if diagonal.get(n) is not None and diagonal[n] < 1 - UNCHANGED_TOL), None)
+    out: dict[str, Any] = {
+        "identical": identical,
+        "changed": first is not None,
+        "most_changed": most,
+        "most_changed_cka": most_v,
+        "first_changed": first,
+    }
+    if own is not None:
+        # the block output's own change contains its sublayers'; rank sublayers proper
+        subs = {k: v for k, v in own.items() if _kind(k) != "block"}
+        name, value = lowest(subs)
+        out["largest_own_change"] = name
+        out["largest_own_change_cka"] = value
+    if identical:
+        out["verdict"] = "the two encoders are identical (a frozen-backbone fine-tune?): CKA is trivially 1, nothing changed"
+    elif first is None:
+        out["verdict"] = "no sublayer's representation changed (CKA = 1 within 1e-6 everywhere)"
+    else:
+        text = f"most changed: {most} (CKA {most_v:.4f}); first to move: {first}"
+        if own is not None and out.get("largest_own_change"):
+            text += f"; largest own change: {out['largest_own_change']} (CKA {out['largest_own_change_cka']:.4f})"
+        out["verdict"] = text
+    return out
+
+
+def compare_checkpoints(pre: str | Path, ft: str | Path, options: CompareOptions | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Compare two checkpoints of one ViT and return the results (schema ``cka-geo/compare/v1``).
+
+    Args:
+        pre: The pretrained checkpoint.
+        ft: The fine-tuned checkpoint.
+        options: A :class:`CompareOptions`; keyword arguments override its fields.
+
+    Returns:
+        A JSON-serialisable dict: ``layers``, the ``matrix`` (pre rows x ft columns),
+        ``diagonal``, ``intervals``, ``own_change`` (+ intervals), ``summary``,
+        ``settings``, ``checkpoints`` (paths, sha256, prefixes), ``weights`` (relative
+        weight change per sublayer) and ``versions``. See docs/results-schema.md.
+
+    Raises:
+        CkaGeoError: Bad options, unreadable or refused checkpoints, different
+            architectures, probe data that does not fit the model, non-finite features.
+    """
+    opts = dataclasses.replace(options or CompareOptions(), **kwargs)
+    opts.validate()
+    device = resolve_device(opts.device)
+    a = load_checkpoint(pre, trust=opts.trust, prefix=opts.prefix, num_heads=opts.num_heads)
+    b = load_checkpoint(ft, trust=opts.trust, prefix=opts.prefix, num_heads=opts.num_heads)
+    if opts.num_heads is None:
+        share_stored_heads(a, b)
+    pair = check_pair(a, b)
+    model_pre = build_model(a, device=device)
+    model_ft = build_model(b, device=device)
+    if opts.names:
+        names = resolve_sublayers(model_pre, list(opts.names))
+    else:
+        names = resolve_sublayers(model_pre, kinds=tuple(opts.sublayers))
+    bands, size = _model_geometry(a)
+    batches, n, data_desc = probe_batches(opts, bands, size)
+    result = run_cka(model_pre, model_ft, names, batches, opts, n)
+    return build_results(result, names, opts, a, b, pair, data_desc, device)
+
+
+def build_results(
+    result: CKAResult,
+    names: list[str],
+    opts: CompareOptions,
+    a: LoadedCheckpoint,
+    b: LoadedCheckpoint,
+    pair: Any,
+    data_desc: str,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Assemble the JSON-serialisable results from the accumulator's result."""
+    L = len(names)
+    matrix = result.matrix[:, :L]
+    diag = {n: _num(matrix[i, i]) for i, n in enumerate(names)}
+    own = own_iv = None
+    boot = opts.bootstrap > 0 and result.batch_cross is not None and len(result.batch_sizes) >= 2
+
+    def intervals(cols: list[int]) -> dict[str, list[float | None] | None]:
+        if not boot:
+            return {n: None for n in names}
+        idx = np.arange(L)
+        lo, hi = bootstrap_ratio(
+            result.batch_cross[:, idx, cols],  # type: ignore[index]
+            result.batch_self_a[:, idx],  # type: ignore[index]
+            result.batch_self_b[:, cols],  # type: ignore[index]
+            resamples=opts.bootstrap,
+            confidence=opts.confidence,
+            seed=opts.seed,
+        )
+        return {n: [_num(lo[i]), _num(hi[i])] for i, n in enumerate(names)}
+
+    iv = intervals(list(range(L)))
+    if opts.own_change:
+        own = {n: _num(result.matrix[i, L + i]) for i, n in enumerate(names)}
+        own_iv = intervals(list(range(L, 2 * L)))
+    settings = {
+        "kernel": opts.kernel,
+        "rbf_frac": opts.rbf_frac if opts.kernel == "rbf" else None,
+        "bandwidth_rule": "sigma = frac * sqrt(median squared distance over pairs i<j), per batch and layer"
+        if opts.kernel == "rbf"
+        else None,
+        "estimator": opts.estimator,
+        "estimator_detail": "minibatch CKA with unbiased HSIC_1 (Nguyen et al. 2021, eq. 3)"
+        if opts.estimator == "unbiased"
+        else "full-batch biased CKA (Kornblith et al. 2019)",
+        "pooling": opts.pooling,
+        "samples": result.samples,
+        "samples_skipped": result.samples_skipped,
+        "batch_size": opts.batch_size,
+        "batches": len(result.batch_sizes),
+        "seed": opts.seed,
+        "data": data_desc,
+        "time_mode": opts.time_mode,
+        "device": str(device),
+        "sublayers": list(opts.sublayers) if not opts.names else None,
+        "bootstrap": opts.bootstrap if boot else 0,
+        "confidence": opts.confidence,
+        "interval_method": "percentile bootstrap over batches" if boot else None,
+    }
+    rbf = None
+    if result.sigma_a is not None:
+        rbf = {
+            "sigma_pre_mean": {n: _num(float(np.nanmean(result.sigma_a[:, i]))) for i, n in enumerate(names)},
+            "sigma_ft_mean": {n: _num(float(np.nanmean(result.sigma_b[:, i]))) for i, n in enumerate(names)},  # type: ignore[index]
+        }
+    return {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "layers": names,
+        "blocks": sorted({_block(n) for n in names}),
+        "kinds": [_kind(n) for n in names],
+        "matrix": [[_num(v) for v in row] for row in matrix],
+        "diagonal": diag,
+        "intervals": iv,
+        "own_change": own,
+        "own_change_intervals": own_iv,
+        "weights": {"relative_change": {n: _num(pair.sublayer_change.get(n)) for n in names}},
+        "summary": summarize(names, diag, own, pair.identical),
+        "settings": settings,
+        "rbf": rbf,
+        "model": {"family": a.family, "config": dataclasses.asdict(a.config)},
+        "checkpoints": {"pre": _checkpoint_record(a), "ft": _checkpoint_record(b)},
+        "versions": _versions(),
+    }

@@ -1,0 +1,101 @@
+"""Text, CSV and JSON views of a comparison's results (the dict of :mod:`cka_geo.compare`)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from cka_geo.atomic import write_text_atomic
+
+KIND_ORDER = ("attn", "fc1", "act", "fc2", "block")
+
+
+def _fmt(value: float | None, interval: list[float | None] | None) -> str:
+    if value is None:
+        return "nan"
+    text = f"{value:.4f}"
+    if interval and interval[0] is not None and interval[1] is not None:
+        text += f" [{interval[0]:.4f}, {interval[1]:.4f}]"
+    return text
+
+
+def _grid(results: dict[str, Any], values_key: str, iv_key: str) -> tuple[list[str], list[list[str]]]:
+    kinds = [k for k in KIND_ORDER if k in results["kinds"]]
+    rows: dict[int, dict[str, str]] = {}
+    values = results[values_key]
+    ivs = results.get(iv_key) or {}
+    for name, kind in zip(results["layers"], results["kinds"], strict=True):
+        block = int(name.split(".")[1])
+        rows.setdefault(block, {})[kind] = _fmt(values.get(name), ivs.get(name))
+    header = ["block", *kinds]
+    body = [[str(b), *(rows[b].get(k, "") for k in kinds)] for b in sorted(rows)]
+    return header, body
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in body)])
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The per-block table(s) and the summary, for a terminal."""
+    s = results["settings"]
+    conf = f"{100 * s['confidence']:.0f}% CI" if s.get("interval_method") else "no intervals"
+    parts = [
+        f"CKA(pre, ft) at each sublayer  ({s['kernel']} kernel, {s['estimator']}, {s['pooling']} pooling, "
+        f"{s['samples']} samples, {conf})",
+        _table(*_grid(results, "diagonal", "intervals")),
+    ]
+    if results.get("own_change"):
+        parts += [
+            "",
+            "Own change: CKA(pre sublayer, ft sublayer applied to pre's input)",
+            _table(*_grid(results, "own_change", "own_change_intervals")),
+        ]
+    parts += ["", results["summary"]["verdict"]]
+    return "\n".join(parts)
+
+
+def to_csv(results: dict[str, Any]) -> str:
+    """One row per sublayer: name, block, kind, CKA with interval, own change, weight change."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["layer", "block", "kind", "cka", "cka_lo", "cka_hi", "own_cka", "own_lo", "own_hi", "weight_rel_change"])
+    own = results.get("own_change") or {}
+    own_iv = results.get("own_change_intervals") or {}
+    ivs = results.get("intervals") or {}
+    wch = results.get("weights", {}).get("relative_change", {})
+
+    def cell(v: float | None) -> str:
+        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else repr(float(v))
+
+    for name, kind in zip(results["layers"], results["kinds"], strict=True):
+        iv = ivs.get(name) or [None, None]
+        oiv = own_iv.get(name) or [None, None]
+        w.writerow(
+            [name, name.split(".")[1], kind, cell(results["diagonal"].get(name)), cell(iv[0]), cell(iv[1]),
+             cell(own.get(name)), cell(oiv[0]), cell(oiv[1]), cell(wch.get(name))]
+        )
+    return buf.getvalue()
+
+
+def to_json(results: dict[str, Any]) -> str:
+    """Strict JSON (NaN written as null by the producer), indented."""
+    return json.dumps(results, indent=2, allow_nan=False) + "\n"
+
+
+def write_results(results: dict[str, Any], out_dir: Path, formats: tuple[str, ...] = ("json", "csv")) -> list[Path]:
+    """Write results.json / results.csv into ``out_dir``, each atomically."""
+    written = []
+    if "json" in formats:
+        write_text_atomic(out_dir / "results.json", to_json(results))
+        written.append(out_dir / "results.json")
+    if "csv" in formats:
+        write_text_atomic(out_dir / "results.csv", to_csv(results))
+        written.append(out_dir / "results.csv")
+    return written
