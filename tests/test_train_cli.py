@@ -1,0 +1,71 @@
+"""CLI: pretrain -> finetune -> evaluate on the embedded tiles, and one-line usage errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cka_geo.cli import main
+
+TINY = ["--depth", "2", "--embed-dim", "32", "--heads", "2", "--img-size", "16", "--threads", "2"]
+
+
+def _exit_code(argv: list[str]) -> int:
+    """main's return value, or the code of the SystemExit argparse raises."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["pretrain"], "--out"),
+        (["pretrain", "--out", "x", "--epochs", "0"], "--epochs"),
+        (["pretrain", "--out", "x", "--objective", "byol"], "--objective"),
+        (["pretrain", "--out", "x", "--mask-ratio", "1.5"], "--mask-ratio"),
+        (["finetune"], "checkpoint"),
+        (["finetune", "p.pt", "--out", "o", "--label-fraction", "0"], "--label-fraction"),
+        (["finetune", "p.pt", "--out", "o", "--decoder", "fcn"], "--decoder"),
+        (["finetune", "p.pt", "--out", "o", "--adapt", "lora"], "--adapt"),
+        (["finetune", "p.pt", "--out", "o", "--taps", "3,x"], "--taps"),
+        (["finetune", "missing.pt", "--out", "o"], "missing.pt"),
+        (["finetune", "missing.pt", "--out", "o", "--adapt", "last-k"], "--last-k"),
+        (["evaluate", "missing.pt"], "missing.pt"),
+        (["evaluate", "ft.pt", "--split", "holdout"], "--split"),
+        (["demo", "--threads", "0"], "--threads"),
+        (["demo", "--samples", "many"], "--samples"),
+        (["pretrain", "--out", "x", "--lr", "-1"], "--lr"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(argv, fragment, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert fragment in err
+
+
+def test_pretrain_finetune_evaluate_roundtrip(tmp_path, capsys):
+    pre_dir, ft_dir = tmp_path / "pre", tmp_path / "ft"
+    assert main(["pretrain", "--out", str(pre_dir), "--epochs", "1", "--batch-size", "64", "--stride", "32", *TINY]) == 0
+    assert (pre_dir / "pretrained.pt").is_file() and (pre_dir / "metrics.csv").is_file()
+    assert main(["finetune", str(pre_dir / "pretrained.pt"), "--out", str(ft_dir), "--epochs", "1",
+                 "--adapt", "last-k", "--last-k", "1", "--label-fraction", "0.2", "--stride", "32",
+                 "--threads", "2"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(ft_dir), "--split", "val", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["task"] == "segmentation" and 0 <= metrics["miou"] <= 1
+    saved = json.loads((ft_dir / "eval.json").read_text())
+    assert metrics["miou"] == pytest.approx(saved["metrics"]["val"]["miou"], abs=1e-12)
+
+    from cka_geo.checkpoints import load_checkpoint
+
+    pre, ft = load_checkpoint(ft_dir / "pre.pt"), load_checkpoint(ft_dir / "ft.pt")
+    assert pre.state_dict.keys() == ft.state_dict.keys()
+    changed = {k for k in pre.state_dict if not (pre.state_dict[k] == ft.state_dict[k]).all()}
+    assert changed and all(k.startswith("blocks.1.") for k in changed)  # last-k = 1 of 2 blocks
+    assert "task_head" in ft.extra and not ft.ignored
