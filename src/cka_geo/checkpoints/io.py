@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
-import zipfile
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
@@ -27,6 +27,7 @@ import torch
 from cka_geo.errors import CheckpointError
 
 SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
+BLOCKED_NOTE = "weights-only loading was blocked by "
 TRUST_HINT = "pass --trust-checkpoint (Python: trust=True) only if you trust its source"
 
 
@@ -107,7 +108,6 @@ def _restricted_pickle_module(blocked: list[str]) -> SimpleNamespace:
 def _blocked_names(message: str) -> list[str]:
     """Globals named in a weights-only UnpicklingError message."""
     names = re.findall(r"GLOBAL ([\w.]+)", message)
-    names += re.findall(r"Unsupported global: ([\w.]+)", message)
     return list(dict.fromkeys(names))
 
 
@@ -132,7 +132,7 @@ def check_path(path: Path) -> None:
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a .safetensors file."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     try:
         tensors: dict[str, torch.Tensor] = {}
@@ -140,7 +140,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             metadata = f.metadata() or {}
             for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 tensors[key] = f.get_tensor(key)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # SafetensorError, OSError, or anything a corrupt header causes
         raise CheckpointError(
             f"{path}: not a readable safetensors file ({_one_line(exc)})"
         ) from exc
@@ -148,7 +148,9 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 
 def _torch_load(path: Path, **kwargs: Any) -> Any:
-    return torch.load(path, map_location="cpu", **kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pickle protocol.*", category=UserWarning)
+        return torch.load(path, map_location="cpu", **kwargs)
 
 
 def read_pickled(path: Path, *, trust: bool) -> tuple[Any, list[str]]:
@@ -161,15 +163,7 @@ def read_pickled(path: Path, *, trust: bool) -> tuple[Any, list[str]]:
         if not ("weights_only" in message or "Weights only" in message or "GLOBAL" in message):
             raise CheckpointError(f"{path}: corrupt checkpoint ({_one_line(message)})") from exc
         blocked = _blocked_names(message)
-    except (
-        RuntimeError,
-        EOFError,
-        ValueError,
-        OSError,
-        KeyError,
-        AttributeError,
-        zipfile.BadZipFile,
-    ) as exc:
+    except Exception as exc:  # torch raises many types on garbage (IndexError, RuntimeError…)
         raise CheckpointError(
             f"{path}: corrupt or truncated checkpoint ({_one_line(exc)})"
         ) from exc
@@ -189,13 +183,21 @@ def read_pickled(path: Path, *, trust: bool) -> tuple[Any, list[str]]:
     try:
         obj = _torch_load(path, weights_only=False, pickle_module=_restricted_pickle_module(found))
     except Exception as exc:
-        what = ", ".join(blocked or found) or "a non-tensor object"
+        if not (found or blocked):
+            raise CheckpointError(
+                f"{path}: corrupt or truncated checkpoint ({_one_line(message)})"
+            ) from exc
+        what = ", ".join(found or blocked)
         raise CheckpointError(
             f"{path}: refused: weights-only loading is blocked by {what}; {TRUST_HINT}"
         ) from exc
-    names = list(dict.fromkeys(blocked + found))
+    names = list(dict.fromkeys(found or blocked))
+    if isinstance(obj, Unreadable):
+        raise CheckpointError(
+            f"{path}: refused: weights-only loading is blocked by {', '.join(names)}; {TRUST_HINT}"
+        )
     notes.append(
-        "weights-only loading was blocked by "
+        BLOCKED_NOTE
         + ", ".join(names)
         + "; read the tensors with a restricted unpickler that ran none of them "
         "(the entries holding them are unreadable)"

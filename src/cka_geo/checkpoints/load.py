@@ -14,7 +14,13 @@ from torch import nn
 
 from cka_geo.checkpoints import infer, resolve
 from cka_geo.checkpoints.families import FAMILIES, UNSUPPORTED, check_keys, instantiate
-from cka_geo.checkpoints.io import find_unreadable, json_metadata, read_checkpoint_file
+from cka_geo.checkpoints.io import (
+    BLOCKED_NOTE,
+    TRUST_HINT,
+    find_unreadable,
+    json_metadata,
+    read_checkpoint_file,
+)
 from cka_geo.checkpoints.save import MARKER
 from cka_geo.errors import CheckpointError
 
@@ -131,6 +137,13 @@ def load_checkpoint(
         loaded = _resolve(p, obj, metadata, notes, prefix=prefix, num_heads=num_heads)
     except CheckpointError as exc:
         msg = str(exc)
+        restricted = [n for n in notes if n.startswith(BLOCKED_NOTE)]
+        if restricted:
+            blocked = restricted[0][len(BLOCKED_NOTE) :].split(";")[0]
+            msg = (
+                f"{p}: refused: weights-only loading is blocked by {blocked}, and the tensors "
+                f"readable without it give no encoder ({msg}); {TRUST_HINT}"
+            )
         raise CheckpointError(msg if msg.startswith(str(p)) else f"{p}: {msg}") from exc
     loaded.sha256 = _sha256(p)
     return loaded
