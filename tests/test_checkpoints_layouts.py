@@ -501,12 +501,73 @@ def test_galileo_refused(tmp_path):
         load_checkpoint(tmp_path / "galileo.pt")
 
 
-def test_terramind_refused(tmp_path):
-    sd = {"encoder_embeddings.untok_sen2l2a@224.proj.weight": torch.randn(8, 12 * 16)}
-    for i in range(2):
-        sd[f"encoder.{i}.attn.qkv.weight"] = torch.randn(24, 8)
-        sd[f"encoder.{i}.mlp.fc1.weight"] = torch.randn(32, 8)
-    sd["encoder_norm.weight"] = torch.ones(8)
-    torch.save(sd, tmp_path / "TerraMind_v1_base.pt")
-    with pytest.raises(CheckpointError, match="TerraMind checkpoint detected"):
-        load_checkpoint(tmp_path / "TerraMind_v1_base.pt")
+def _terramind_reference(
+    sd: dict, mod: str, x: torch.Tensor, heads: int, depth: int
+) -> torch.Tensor:
+    """TerraMind's encoder for one image modality, written from its definition."""
+    import torch.nn.functional as F
+
+    b, c, h, w = x.shape
+    p = 16
+    patches = (
+        x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, p * p * c)
+    )
+    e = f"encoder_embeddings.{mod}."
+    t = patches @ sd[e + "proj.weight"].T + sd[e + "pos_emb"] + sd[e + "mod_emb"]
+    d = t.shape[-1]
+    for i in range(depth):
+        g = f"encoder.{i}."
+        y = F.layer_norm(t, (d,), sd[g + "norm1.weight"], sd[g + "norm1.bias"], eps=1e-6)
+        q, k, v = (
+            (y @ sd[g + "attn.qkv.weight"].T)
+            .reshape(b, -1, 3, heads, d // heads)
+            .permute(2, 0, 3, 1, 4)
+        )
+        a = ((q @ k.transpose(-1, -2)) * (d // heads) ** -0.5).softmax(-1) @ v
+        t = t + a.transpose(1, 2).reshape(b, -1, d) @ sd[g + "attn.proj.weight"].T
+        y = F.layer_norm(t, (d,), sd[g + "norm2.weight"], sd[g + "norm2.bias"], eps=1e-6)
+        t = t + F.gelu(y @ sd[g + "mlp.fc1.weight"].T) @ sd[g + "mlp.fc2.weight"].T
+    return F.layer_norm(t, (d,), sd["encoder_norm.weight"], sd["encoder_norm.bias"], eps=1e-6)
+
+
+def test_terramind_maps_onto_timm(tmp_path):
+    torch.manual_seed(0)
+    d, depth, heads = 32, 2, 2
+    sd: dict[str, torch.Tensor] = {}
+    for mod, bands in (("untok_sen2l2a@64", 12), ("untok_sen2l1c@64", 13), ("untok_sen1grd@64", 2)):
+        sd[f"encoder_embeddings.{mod}.proj.weight"] = 0.05 * torch.randn(d, 16 * 16 * bands)
+        sd[f"encoder_embeddings.{mod}.pos_emb"] = torch.randn(1, 16, d)
+        sd[f"encoder_embeddings.{mod}.mod_emb"] = torch.randn(1, 1, d)
+    sd["encoder_embeddings.tok_lulc@224.token_emb.weight"] = torch.randn(10, d)
+    for i in range(depth):
+        g = f"encoder.{i}."
+        for n in ("norm1", "norm2"):
+            sd[g + n + ".weight"] = 1 + 0.1 * torch.randn(d)
+            sd[g + n + ".bias"] = torch.zeros(d)  # TerraMind stores bias-free norms' zero buffers
+        sd[g + "attn.qkv.weight"] = 0.2 * torch.randn(3 * d, d)
+        sd[g + "attn.proj.weight"] = 0.2 * torch.randn(d, d)
+        sd[g + "mlp.fc1.weight"] = 0.2 * torch.randn(4 * d, d)
+        sd[g + "mlp.fc2.weight"] = 0.2 * torch.randn(d, 4 * d)
+    sd["encoder_norm.weight"], sd["encoder_norm.bias"] = torch.ones(d), torch.zeros(d)
+    sd["decoder.0.self_attn.qkv.weight"] = torch.randn(3 * d, d)
+    sd["decoder_norm.weight"] = torch.ones(d)
+    torch.save({"model": sd}, tmp_path / "TerraMind_v1_base.pt")
+    loaded = load_checkpoint(tmp_path / "TerraMind_v1_base.pt", num_heads=heads)
+    assert loaded.family == "timm" and loaded.prefix == "model."
+    cfg = loaded.config
+    assert (cfg.in_chans, cfg.patch_size, cfg.img_size, cfg.depth, cfg.embed_dim) == (
+        13,
+        16,
+        64,
+        2,
+        32,
+    )
+    assert not cfg.class_token and not cfg.qkv_bias
+    assert any("untok_sen2l1c@64" in n and "untok_sen2l2a@64" in n for n in loaded.notes)
+    assert "model.encoder_embeddings.untok_sen1grd@64.proj.weight" in loaded.ignored
+    assert "model.decoder.0.self_attn.qkv.weight" in loaded.ignored
+    x = torch.randn(2, 13, 64, 64)
+    with torch.no_grad():
+        got = build_model(loaded).forward_features(x)
+    want = _terramind_reference(sd, "untok_sen2l1c@64", x, heads, depth)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -27,10 +27,6 @@ UNSUPPORTED: dict[str, str] = {
         "Galileo checkpoint detected (blocks.{i}.attn.q/.k/.v): its multi-modal token "
         "embeddings and separate q/k/v projections are not supported"
     ),
-    "terramind": (
-        "TerraMind checkpoint detected (encoder.{i} blocks): its multimodal token embeddings "
-        "(encoder_embeddings.*) have no single timm patch embedding; not supported"
-    ),
 }
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cka_geo.checkpoints import infer, resolve
+from cka_geo.checkpoints import infer, resolve, terramind
 from cka_geo.checkpoints.families import FAMILIES, UNSUPPORTED, check_keys, instantiate
 from cka_geo.checkpoints.io import (
     BLOCKED_NOTE,
@@ -204,11 +204,13 @@ def _resolve(
         notes.append(
             f"chose {chosen.prefix!r} ({chosen.num_blocks} blocks); other candidates: {listed}"
         )
-    keep, keep_exact = (
-        (_TIMM_KEEP, _TIMM_KEEP_EXACT)
-        if chosen.family == "timm"
-        else (_OPENCLIP_KEEP, _OPENCLIP_KEEP_EXACT)
-    )
+    family = "open_clip" if chosen.family == "open_clip" else "timm"
+    if chosen.family == "terramind":
+        keep, keep_exact = ("encoder.", "encoder_norm.", "encoder_embeddings."), ()
+    elif family == "timm":
+        keep, keep_exact = _TIMM_KEEP, _TIMM_KEEP_EXACT
+    else:
+        keep, keep_exact = _OPENCLIP_KEEP, _OPENCLIP_KEEP_EXACT
     sd: dict[str, torch.Tensor] = {}
     ignored: list[str] = []
     for key, value in flat.tensors.items():
@@ -217,7 +219,16 @@ def _resolve(
             sd[rel] = value
         else:
             ignored.append(key)
-    if chosen.family == "timm" and f"{chosen.prefix}reg_token" in flat.tensors:
+    if chosen.family == "terramind":
+        used, modality = terramind.to_timm(sd, notes)
+        ignored += [
+            chosen.prefix + k
+            for k in sd
+            if k.startswith("encoder_embeddings.")
+            and not k.startswith(f"encoder_embeddings.{modality}.")
+        ]
+        sd = used
+    if family == "timm" and f"{chosen.prefix}reg_token" in flat.tensors:
         raise CheckpointError("register tokens (reg_token) are not supported")
     head = {
         k[len(chosen.prefix) :]: flat.tensors[k]
@@ -227,15 +238,15 @@ def _resolve(
     if ignored:
         notes.append(f"ignored {len(ignored)} non-encoder keys: {resolve.summarise_keys(ignored)}")
     stored = resolve.find_hparam(flat.others, _HEAD_NAMES)
-    if chosen.family == "timm":
+    if family == "timm":
         config: Any = infer.infer_timm(sd, notes, num_heads=num_heads, stored_heads=stored)
     else:
         config = infer.infer_open_clip(sd, notes, num_heads=num_heads, stored_heads=stored)
-    check_keys(chosen.family, config, sd)
+    check_keys(family, config, sd)
     return LoadedCheckpoint(
         p,
         "",
-        chosen.family,
+        family,
         sd,
         config,
         chosen.prefix,
