@@ -165,8 +165,8 @@ def _resolve(
     if project is not None:
         family, config, sd, extra = project
         if num_heads is not None and family == "timm" and num_heads != config.num_heads:
-            config = dataclasses.replace(config, num_heads=num_heads)
             notes.append(f"num_heads={num_heads} as given (file says {config.num_heads})")
+            config = dataclasses.replace(config, num_heads=num_heads)
         head = _split_head(sd) if family == "timm" else {}
         notes.append("written by cka-geo: config read from the file, nothing inferred")
         build_cfg = dataclasses.replace(config, num_classes=0) if family == "timm" else config
