@@ -69,3 +69,17 @@ def test_pretrain_finetune_evaluate_roundtrip(tmp_path, capsys):
     changed = {k for k in pre.state_dict if not (pre.state_dict[k] == ft.state_dict[k]).all()}
     assert changed and all(k.startswith("blocks.1.") for k in changed)  # last-k = 1 of 2 blocks
     assert "task_head" in ft.extra and not ft.ignored
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "most changed" in out and "Run time" in out and "CPU time" in out
+    summary = json.loads((tmp_path / "d/summary.json").read_text())
+    for decoder in ("linear", "upernet"):
+        entry = summary["settings"][decoder]
+        assert entry["summary"]["changed"]  # full fine-tuning moved the encoder
+        assert (tmp_path / f"d/compare_{decoder}/results.json").is_file()
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "d/figures/demo_depth_profile.png").stat().st_size > 1000

@@ -127,8 +127,22 @@ class Observer(BaseCallback):
         self.calls.append("end")
 
 
+class NoisyTiles(torch.utils.data.Dataset):
+    """Adds noise from torch's global RNG per item (as augmenting datasets do)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return x + 0.1 * torch.randn(x.shape), y
+
+
 def test_callbacks_observe_without_changing_results(tmp_path):
-    data = seg_tiles(32, seed=8)
+    data = NoisyTiles(seg_tiles(32, seed=8))
     cfg = TrainConfig(epochs=2, batch_size=16, lr=2e-3, seed=3)
     torch.manual_seed(0)
     plain = _objective()
