@@ -83,3 +83,17 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         assert (tmp_path / f"d/compare_{decoder}/results.json").is_file()
     pytest.importorskip("matplotlib")
     assert (tmp_path / "d/figures/demo_depth_profile.png").stat().st_size > 1000
+
+
+def test_cli_resume_matches_uninterrupted(tmp_path, capsys):
+    common = ["--epochs", "2", "--batch-size", "16", "--stride", "64", *TINY]
+    assert main(["pretrain", "--out", str(tmp_path / "full"), *common]) == 0
+    assert main(["pretrain", "--out", str(tmp_path / "cut"), "--stop-after-epoch", "1", *common]) == 0
+    assert "resume" in capsys.readouterr().out
+    assert not (tmp_path / "cut/pretrained.pt").exists()
+    assert main(["pretrain", "--out", str(tmp_path / "cut"), "--resume", *common]) == 0
+    import torch
+
+    a = torch.load(tmp_path / "full/pretrained.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut/pretrained.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
