@@ -1,0 +1,58 @@
+"""``cka-geo plot results.json``: redraw the figures of a comparison from its results file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+NAME = "plot"
+HELP = (
+    "Redraw the figures of a comparison (heatmap, depth profile, change bars) from the "
+    "results.json that `cka-geo compare` wrote."
+)
+
+
+def _positive_dpi(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--dpi must be an integer, got {text!r}") from None
+    if not 10 <= value <= 2400:
+        raise argparse.ArgumentTypeError(f"--dpi must be between 10 and 2400, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``plot`` options to ``parser``."""
+    from cka_geo.plotting import DPI, FORMATS
+
+    parser.add_argument("results", type=Path, help="results.json written by `cka-geo compare`")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="directory for the figures (default: the directory of the results file)",
+    )
+    parser.add_argument(
+        "--format",
+        nargs="+",
+        choices=FORMATS,
+        default=["png"],
+        metavar="FMT",
+        help=f"one or more of {', '.join(FORMATS)} (default: png)",
+    )
+    parser.add_argument(
+        "--dpi", type=_positive_dpi, default=DPI, help=f"PNG resolution (default: {DPI})"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Read the results file, write every figure, print the written paths on stdout."""
+    from cka_geo.plotting import load_results, plot_all
+
+    results = load_results(args.results)
+    out = args.out if args.out is not None else args.results.parent
+    for path in plot_all(results, out, formats=args.format, dpi=args.dpi):
+        print(path)
+    return 0
