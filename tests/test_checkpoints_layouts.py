@@ -159,10 +159,10 @@ def test_ssl4eo_moco_prefers_base_encoder(tmp_path):
             "state_dict": sd,
             "optimizer": {"state": {}, "param_groups": []},
         },
-        tmp_path / "moco.pth.tar".replace(".tar", ""),
+        tmp_path / "checkpoint_0099.pth.tar",
     )
     loaded = load_and_check(
-        tmp_path / "moco.pth",
+        tmp_path / "checkpoint_0099.pth.tar",
         model,
         prefix="state_dict.module.base_encoder.",
         notes=[
@@ -174,7 +174,7 @@ def test_ssl4eo_moco_prefers_base_encoder(tmp_path):
     assert ("state_dict.module.momentum_encoder.", 3) in loaded.candidates
     assert "state_dict.module.predictor.0.weight" in loaded.ignored
     # the user may pick the other encoder, by its full prefix or a unique suffix
-    other = load_checkpoint(tmp_path / "moco.pth", prefix="module.momentum_encoder.")
+    other = load_checkpoint(tmp_path / "checkpoint_0099.pth.tar", prefix="module.momentum_encoder.")
     assert_same_function(build_model(other), momentum)
 
 

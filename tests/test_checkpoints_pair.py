@@ -123,3 +123,13 @@ def test_plain_state_dicts():
     assert check_pair(sd, {k: v.clone() for k, v in sd.items()}).identical
     with pytest.raises(ArchitectureMismatchError, match="missing"):
         check_pair(sd, {k: v for k, v in sd.items() if k != "pos_embed"})
+
+
+def test_image_size_mismatch_hint(tmp_path):
+    a = _save(tmp_path, "a.ckpt", VisionTransformer(CFG))
+    b = _save(tmp_path, "b.ckpt", VisionTransformer(ViTConfig(**{**CFG.to_dict(), "img_size": 32})))
+    with pytest.raises(
+        ArchitectureMismatchError,
+        match=r"'pos_embed' has shape \(1, 5, 32\) .* \(1, 17, 32\) .*image sizes",
+    ):
+        check_pair(a, b)

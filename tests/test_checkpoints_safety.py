@@ -160,3 +160,10 @@ def test_non_dict_content(tmp_path):
     with pytest.raises(CheckpointError, match="not a dict of tensors") as info:
         load_checkpoint(path)
     one_line(info, path)
+
+
+def test_tar_suffix_other_than_pth_tar_is_unknown(tmp_path):
+    path = tmp_path / "weights.tar"
+    path.write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"unknown checkpoint suffix '\.tar'"):
+        load_checkpoint(path)

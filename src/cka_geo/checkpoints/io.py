@@ -116,13 +116,23 @@ def _one_line(text: str, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
+def checkpoint_suffix(path: Path) -> str:
+    """The suffix that decides the format: ``.pth.tar`` / ``.pt.tar`` (MoCo originals) count as ``.pth``."""
+    suffixes = [x.lower() for x in path.suffixes[-2:]]
+    if len(suffixes) == 2 and suffixes[1] == ".tar" and suffixes[0] in (".pt", ".pth"):
+        return ".pth"
+    return path.suffix.lower()
+
+
 def check_path(path: Path) -> None:
     """Refuse missing files, directories, empty files and unknown suffixes, naming the file."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
-    if path.suffix.lower() not in SUFFIXES:
+        raise CheckpointError(
+            f"{path}: is a directory, not a checkpoint file (pass the file inside, e.g. model.safetensors)"
+        )
+    if checkpoint_suffix(path) not in SUFFIXES:
         raise CheckpointError(
             f"{path}: unknown checkpoint suffix {path.suffix!r} (expected one of {', '.join(SUFFIXES)})"
         )
@@ -222,7 +232,7 @@ def read_checkpoint_file(
             unknown suffix, corrupt or truncated, or refused (naming the blocking globals).
     """
     check_path(path)
-    if path.suffix.lower() == ".safetensors":
+    if checkpoint_suffix(path) == ".safetensors":
         tensors, metadata = read_safetensors(path)
         return tensors, metadata, []
     obj, notes = read_pickled(path, trust=trust)

@@ -69,9 +69,15 @@ def _shape_check(
                 f"({len(missing)} key(s) missing there)"
             )
         if ta.shape != sb[key].shape:
+            hint = ""
+            if (
+                key.endswith(("pos_embed", "positional_embedding"))
+                and ta.shape[-1] == sb[key].shape[-1]
+            ):
+                hint = " (trained at different image sizes: position grids differ)"
             raise ArchitectureMismatchError(
                 f"encoders differ: first differing key {key!r} has shape {tuple(ta.shape)} in {na} "
-                f"and {tuple(sb[key].shape)} in {nb}"
+                f"and {tuple(sb[key].shape)} in {nb}{hint}"
             )
     extra = [k for k in sb if k not in sa]
     if extra:
