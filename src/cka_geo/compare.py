@@ -18,11 +18,13 @@ Two views are reported:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import math
 import platform
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,12 +205,16 @@ def run_cka(
     batches: Iterator[torch.Tensor],
     opts: CompareOptions,
     total: int,
+    timings: dict[str, float] | None = None,
 ) -> CKAResult:
     """Accumulate CKA of every pre sublayer against every ft sublayer (and own changes).
 
     Columns of the result: ``names`` for the fine-tuned model, then ``name#own`` for the
     fine-tuned sublayer applied to the pretrained model's input when ``opts.own_change``.
+    With ``timings`` (for benchmarks), seconds spent in forward passes and in CKA are added
+    to its ``"forward"`` and ``"cka"`` keys (the device is synchronised around each step).
     """
+    clock = _Clock(timings, next(model_pre.parameters()).device)
     paths_ft = sublayer_map(model_ft)
     apply = {n: _module(model_ft, paths_ft[n]) for n in names} if opts.own_change else None
     acc = MinibatchCKA(kernel=opts.kernel, estimator=opts.estimator, rbf_frac=opts.rbf_frac)
@@ -221,22 +227,45 @@ def run_cka(
         _progress(total, opts.progress) as bar,
     ):
         for x in batches:
-            pre = forward_batch(model_pre, x, cap_pre, time_mode=opts.time_mode)
-            ft = forward_batch(model_ft, x, cap_ft, time_mode=opts.time_mode)
+            with clock("forward"):
+                pre = forward_batch(model_pre, x, cap_pre, time_mode=opts.time_mode)
+                ft = forward_batch(model_ft, x, cap_ft, time_mode=opts.time_mode)
             cols = dict(ft.features)
             cols.update({_OWN.format(n): f for n, f in pre.applied.items()})
             if full_batch:
                 held_a.append(pre.features)
                 held_b.append(cols)
             else:
-                acc.update(pre.features, cols)
+                with clock("cka"):
+                    acc.update(pre.features, cols)
             bar.update(x.shape[0])
-    if full_batch:
-        acc.update(
-            {n: torch.cat([h[n] for h in held_a]) for n in held_a[0]},
-            {n: torch.cat([h[n] for h in held_b]) for n in held_b[0]},
-        )
-    return acc.compute()
+    with clock("cka"):
+        if full_batch:
+            acc.update(
+                {n: torch.cat([h[n] for h in held_a]) for n in held_a[0]},
+                {n: torch.cat([h[n] for h in held_b]) for n in held_b[0]},
+            )
+        return acc.compute()
+
+
+class _Clock:
+    """Adds wall seconds per key to a dict; does nothing (and never syncs) without one."""
+
+    def __init__(self, timings: dict[str, float] | None, device: torch.device) -> None:
+        self.timings, self.device = timings, device
+
+    @contextlib.contextmanager
+    def __call__(self, key: str) -> Iterator[None]:
+        if self.timings is None:
+            yield
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
 
 
 def _num(x: float) -> float | None:
