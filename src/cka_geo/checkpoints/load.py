@@ -30,6 +30,13 @@ _TIMM_KEEP_EXACT = ("cls_token", "pos_embed")
 _OPENCLIP_KEEP = ("conv1.", "ln_pre.", "transformer.", "ln_post.")
 _OPENCLIP_KEEP_EXACT = ("class_embedding", "positional_embedding", "proj")
 _HEAD_NAMES = ("num_heads", "heads", "n_heads")
+#: Encoder parts of timm variants this ViT does not implement (refused, never ignored).
+_TIMM_UNSUPPORTED = {
+    "reg_token": "register tokens",
+    "dist_token": "a distillation token (DeiT)",
+    "norm_pre": "a pre-norm before the blocks (CLIP-style timm ViT)",
+    "attn_pool": "attention pooling",
+}
 
 
 @dataclass
@@ -228,8 +235,13 @@ def _resolve(
             and not k.startswith(f"encoder_embeddings.{modality}.")
         ]
         sd = used
-    if family == "timm" and f"{chosen.prefix}reg_token" in flat.tensors:
-        raise CheckpointError("register tokens (reg_token) are not supported")
+    if family == "timm" and chosen.family == "timm":
+        for part, what in _TIMM_UNSUPPORTED.items():
+            if any(
+                k == chosen.prefix + part or k.startswith(f"{chosen.prefix}{part}.")
+                for k in flat.tensors
+            ):
+                raise CheckpointError(f"{what} ({chosen.prefix}{part}) is not supported")
     head = {
         k[len(chosen.prefix) :]: flat.tensors[k]
         for k in ignored
