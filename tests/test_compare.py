@@ -226,3 +226,24 @@ def test_python_dash_m_is_the_console_script(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "first to move: blocks.3.mlp.fc1" in proc.stdout
     assert proc.stderr == ""  # no progress bar when stderr is not a terminal, no chatter
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_figures_are_written_and_the_json_round_trips_through_plot(tmp_path, capsys):
+    pre, ft = make_pair(tmp_path, "blocks.2.mlp.fc1.weight")
+    out_dir = tmp_path / "out"
+    code, _, err = cli(["compare", str(pre), str(ft), "--samples", "32", "--batch-size", "16", "--out", str(out_dir)], capsys)
+    assert code == 0, err
+    figures = sorted(p.name for p in out_dir.glob("*.png"))
+    assert figures == ["change_bars.png", "depth_profile.png", "heatmap.png"]
+    sizes = {name: png_size(out_dir / name) for name in figures}
+    assert all(w >= 600 and h >= 400 for w, h in sizes.values())
+    redraw = tmp_path / "redraw"
+    code, out, err = cli(["plot", str(out_dir / "results.json"), "--out", str(redraw)], capsys)
+    assert code == 0, err
+    assert {name: png_size(redraw / name) for name in figures} == sizes
