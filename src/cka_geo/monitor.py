@@ -236,9 +236,7 @@ class CKAMonitor:
             reference = build_model(load_checkpoint(Path(reference), trust=trust))
         if not isinstance(reference, nn.Module):
             raise UsageError(f"reference must be an nn.Module or a checkpoint path, got {type(reference).__name__}")
-        self.names = resolve_sublayers(reference, sublayers, kinds=kinds, blocks=blocks) if (
-            sublayers is not None or kinds is not None or blocks is not None
-        ) else resolve_sublayers(reference)
+        self.names = resolve_sublayers(reference, sublayers, kinds=kinds, blocks=blocks)
         self.probes = probes.detach()
         self.period = period
         self.batch_size = batch_size
@@ -327,27 +325,28 @@ class CKAMonitor:
 
     # -- the training loop's callback protocol ---------------------------------------------
 
-    def _measured(self, step: int) -> bool:
+    def measured(self, step: int) -> bool:
+        """Whether the last measurement was taken at ``step``."""
         return bool(self.trajectory.steps) and self.trajectory.steps[-1] == step
 
     def on_train_start(self, ctx: TrainContext) -> None:
         """Measure the starting point (step 0 of a fresh run)."""
-        if not self._measured(ctx.step):
+        if not self.measured(ctx.step):
             self.measure(ctx.model, ctx.step, ctx.epoch, ctx.log)
 
     def on_step_end(self, ctx: TrainContext) -> None:
         """Measure every ``period`` steps."""
-        if self.period and ctx.step % self.period == 0 and not self._measured(ctx.step):
+        if self.period and ctx.step % self.period == 0 and not self.measured(ctx.step):
             self.measure(ctx.model, ctx.step, ctx.epoch, ctx.log)
 
     def on_epoch_end(self, ctx: TrainContext) -> None:
         """Measure if ``every_epoch``."""
-        if self.every_epoch and not self._measured(ctx.step):
+        if self.every_epoch and not self.measured(ctx.step):
             self.measure(ctx.model, ctx.step, ctx.epoch, ctx.log)
 
     def on_train_end(self, ctx: TrainContext) -> None:
         """Measure the final model if ``at_end`` and its step was not measured."""
-        if self.at_end and not self._measured(ctx.step):
+        if self.at_end and not self.measured(ctx.step):
             self.measure(ctx.model, ctx.step, ctx.epoch, ctx.log)
 
 

@@ -77,7 +77,7 @@ class CKACallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Measure the starting point (kept in the trajectory)."""
-        if not self.monitor._measured(trainer.global_step):
+        if not self.monitor.measured(trainer.global_step):
             values = self.monitor.measure(pl_module, trainer.global_step, trainer.current_epoch)
             self._start = values if self.log_start else None
 
