@@ -14,6 +14,26 @@ __version__ = "0.1.0"
 
 # name -> module that defines it; resolved on first access so `import cka_geo` stays light.
 _LAZY = {
+    # functional core and accumulator
+    "cka": "cka_geo.functional",
+    "hsic": "cka_geo.functional",
+    "gram": "cka_geo.functional",
+    "gram_linear": "cka_geo.functional",
+    "gram_rbf": "cka_geo.functional",
+    "linear_cka_feature_space": "cka_geo.functional",
+    "MinibatchCKA": "cka_geo.accumulator",
+    "CKAResult": "cka_geo.accumulator",
+    "cka_matrix": "cka_geo.accumulator",
+    # models, checkpoints, capture, the main job
+    "capture": "cka_geo.capture",
+    "forward_batch": "cka_geo.capture",
+    "resolve_sublayers": "cka_geo.capture",
+    "load_checkpoint": "cka_geo.checkpoints",
+    "build_model": "cka_geo.checkpoints",
+    "save_checkpoint": "cka_geo.checkpoints",
+    "check_pair": "cka_geo.checkpoints",
+    "compare_checkpoints": "cka_geo.compare",
+    "CompareOptions": "cka_geo.compare",
     "ViTConfig": "cka_geo.vit",
     "VisionTransformer": "cka_geo.vit",
     "CkaGeoError": "cka_geo.errors",
