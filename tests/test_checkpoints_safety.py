@@ -167,3 +167,17 @@ def test_tar_suffix_other_than_pth_tar_is_unknown(tmp_path):
     path.write_bytes(b"x")
     with pytest.raises(CheckpointError, match=r"unknown checkpoint suffix '\.tar'"):
         load_checkpoint(path)
+
+
+def test_whole_pickled_module_is_read_without_running_it(tmp_path):
+    """torch.save(model): the weights are read from the module's state; no class is imported."""
+    model = VisionTransformer(CFG).eval()
+    path = tmp_path / "whole_model.pt"
+    torch.save({"model": model, "hook": TouchOnUnpickle(str(tmp_path / "pwned"))}, path)
+    loaded = load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+    assert loaded.prefix == "model."
+    assert any("cka_geo.vit.VisionTransformer" in n for n in loaded.notes)
+    x = torch.randn(2, 6, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(build_model(loaded)(x), model(x))

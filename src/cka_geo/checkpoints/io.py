@@ -62,14 +62,22 @@ class Unreadable(dict):
 
 def _allowed_globals() -> dict[str, Any]:
     """torch's weights-only allow-list, minus the entries that call another global."""
-    from torch import _weights_only_unpickler as wou
+    try:
+        from torch import _weights_only_unpickler as wou
 
-    allowed = dict(wou._get_allowed_globals())
+        allowed = dict(wou._get_allowed_globals())
+    except (ImportError, AttributeError):  # private API: fall back to the bare minimum
+        import collections
+
+        allowed = {
+            "collections.OrderedDict": collections.OrderedDict,
+            "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+            "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+        }
     for name in (
         "torch._tensor._rebuild_from_type_v2",
         "torch._utils._rebuild_wrapper_subclass",
         "torch._utils._rebuild_device_tensor_from_numpy",
-        "_codecs.encode",
     ):
         allowed.pop(name, None)
     return allowed

@@ -75,6 +75,12 @@ def flatten(obj: Any) -> Flat:
     flat = Flat({}, set(), {})
 
     def walk(node: Any, path: tuple[str, ...]) -> None:
+        if _module_like(node):  # a pickled nn.Module read without running it
+            walk({**node["_parameters"], **node.get("_buffers", {})}, path)
+            for name, child in node["_modules"].items():
+                if isinstance(child, dict):
+                    walk(child, (*path, str(name)))
+            return
         for key, value in node.items():
             sub = (*path, str(key))
             if isinstance(value, torch.Tensor):
@@ -91,6 +97,15 @@ def flatten(obj: Any) -> Flat:
         raise CheckpointError(f"holds a {type(obj).__name__}, not a dict of tensors")
     walk(obj, ())
     return flat
+
+
+def _module_like(node: Any) -> bool:
+    """The state of a pickled ``nn.Module`` (its ``__dict__``)."""
+    return (
+        isinstance(node, dict)
+        and isinstance(node.get("_parameters"), dict)
+        and isinstance(node.get("_modules"), dict)
+    )
 
 
 def _embed_key(family: str, prefix: str) -> str | None:
