@@ -155,6 +155,22 @@ def test_depth_profile_has_a_line_per_type_and_circles_the_extremes(results):
     assert len(fig_one.axes) == 1
 
 
+def test_identical_encoders_point_at_no_layer(results):
+    """Estimator noise (|1 − CKA| ≤ 1e-6) is not a change: no 'largest', a 'no change' note."""
+    res = json.loads(json.dumps(results))
+    rng = np.random.default_rng(0)
+    for key in ("diagonal", "own_change"):
+        res[key] = {n: 1.0 + float(rng.normal(0, 2e-8)) for n in res["layers"]}
+    res["intervals"] = {n: [1 - 3e-8, 1 + 3e-8] for n in res["layers"]}
+    res["summary"]["identical"] = True
+    r = plotting._parse(res)
+    for fig in (plotting._draw_bars(r, DPI), plotting._draw_depth(r, DPI)):
+        notes = texts(fig)
+        assert not any("largest" in t or "lowest" in t for t in notes), notes
+        assert sum("no change" in t for t in notes) == 2
+        assert any("identical" in t for t in notes)
+
+
 def test_heatmap_masks_nan_and_labels_blocks(results):
     res = json.loads(json.dumps(results))
     res["matrix"][3][5] = None

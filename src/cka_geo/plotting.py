@@ -579,54 +579,78 @@ def _mark_extreme(ax: Axes, x: float, y: float, text: str, *, above: bool) -> No
     )
 
 
+def _snap(change: np.ndarray) -> np.ndarray:
+    """Changes (1 − CKA) within ±CHANGE_FLOOR of zero are estimator noise: drawn as 0."""
+    out = np.array(change, dtype=float)
+    out[np.abs(out) <= CHANGE_FLOOR] = 0.0
+    return out
+
+
+def _no_change_note(ax: Axes, r: _Parsed) -> None:
+    """Say in the panel that nothing changed, instead of pointing at noise."""
+    text = f"no change: |1 − CKA| ≤ {CHANGE_FLOOR:g} at every layer"
+    if r.summary.get("identical"):
+        text += "\n(the two encoders are identical)"
+    ax.text(
+        0.5,
+        0.6,
+        text,
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        fontsize=8,
+        color="#333333",
+    )
+
+
+def _fill(ax: Axes, x: np.ndarray, band: np.ndarray | None, color: str) -> None:
+    if band is None or not np.isfinite(band).any():
+        return
+    ok = np.isfinite(band).all(axis=1)
+    ax.fill_between(
+        x, band[:, 0], band[:, 1], where=ok, color=color, alpha=0.18, linewidth=0, zorder=2
+    )
+
+
 def _draw_depth(r: _Parsed, dpi: int) -> Figure:
     fig = _new_figure(_sizes(r)["depth_profile"], dpi)
-    log_own = False
     panels = 2 if r.own is not None else 1
     axes = fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
     types = [t for t in _type_order(r) if t != "other"]
+    canonical = [i for i in range(r.n) if r.blocks[i] is not None]
 
-    # (a) same-layer CKA
+    # (a) same-layer CKA (noise within the floor of 1 drawn at 1)
     ax = axes[0]
-    lows, highs = [], []
+    cka = 1.0 - _snap(1.0 - r.diagonal)
+    cka_bands = 1.0 - _snap(1.0 - r.intervals) if r.intervals is not None else None
     for t in types:
-        x, y, band = _series(r, r.diagonal, r.intervals, t)
+        x, y, band = _series(r, cka, cka_bands, t)
         style = {"color": TYPE_COLORS[t], "marker": _MARKERS[t], "linestyle": _LINESTYLES[t]}
         ax.plot(x, y, label=TYPE_LABELS[t], **style, zorder=3)
-        lows.append(y)
-        if band is not None and np.isfinite(band).any():
-            ok = np.isfinite(band).all(axis=1)
-            ax.fill_between(
-                x,
-                band[:, 0],
-                band[:, 1],
-                where=ok,
-                color=TYPE_COLORS[t],
-                alpha=0.18,
-                linewidth=0,
-                zorder=2,
-            )
-            lows.append(band[ok, 0])
-            highs.append(band[ok, 1])
-    vals = np.concatenate([*lows, *highs]) if lows else np.array([])
-    vals = vals[np.isfinite(vals)]
-    if vals.size:
-        lo, hi = float(vals.min()), max(1.0, float(vals.max()))
-        pad = max(0.06 * (hi - lo), 1e-4)
-        ax.set_ylim(lo - pad, hi + pad)
-    canonical = [i for i in range(r.n) if r.blocks[i] is not None]
-    if canonical and np.isfinite(r.diagonal[canonical]).any():
-        i = canonical[int(np.nanargmin(r.diagonal[canonical]))]
+        _fill(ax, x, band, TYPE_COLORS[t])
+    shown = np.concatenate(
+        [cka[canonical], *(() if cka_bands is None else (cka_bands[canonical].ravel(),))]
+    )
+    shown = shown[np.isfinite(shown)]
+    points = cka[canonical]
+    changed = bool(np.isfinite(points).any()) and float(np.nanmin(points)) < 1.0
+    if changed:
+        lo, hi = float(shown.min()), max(1.0, float(shown.max()))
+        pad = 0.06 * (hi - lo)
+        ax.set_ylim(lo - 3 * pad, hi + pad)  # room below for the label of the lowest point
+        i = canonical[int(np.nanargmin(cka[canonical]))]
         _mark_extreme(
             ax,
             float(r.blocks[i]),
-            float(r.diagonal[i]),  # type: ignore[arg-type]
+            float(cka[i]),  # type: ignore[arg-type]
             f"lowest: {r.layers[i]}",
             above=False,
         )
-        ax.set_ylim(
-            ax.get_ylim()[0] - 0.12 * (ax.get_ylim()[1] - ax.get_ylim()[0]), ax.get_ylim()[1]
-        )
+    else:
+        ax.set_ylim(0.9, 1.01)
+        if canonical:
+            _no_change_note(ax, r)
+    ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_ylabel("CKA(pre, fine-tuned)")
     ax.set_title(
         "(a) Same-layer CKA(pre, fine-tuned): lower = more change\n"
@@ -644,42 +668,34 @@ def _draw_depth(r: _Parsed, dpi: int) -> Figure:
             transform=ax.transAxes,
         )
 
-    # (b) own change, 1 - CKA
+    # (b) own change, 1 − CKA
+    log_own = False
     if r.own is not None:
         ax = axes[1]
-        change = 1.0 - r.own
-        bands = 1.0 - r.own_intervals[:, ::-1] if r.own_intervals is not None else None
+        change = _snap(1.0 - r.own)
+        bands = _snap(1.0 - r.own_intervals[:, ::-1]) if r.own_intervals is not None else None
         scale = _change_scale(change[canonical] if canonical else change)
         log_own = scale == "log"
         for t in types:
             x, y, band = _series(r, change, bands, t)
-            if scale == "log":
+            if log_own:
                 y = np.maximum(y, CHANGE_FLOOR)
                 band = np.maximum(band, CHANGE_FLOOR) if band is not None else None
             style = {"color": TYPE_COLORS[t], "marker": _MARKERS[t], "linestyle": _LINESTYLES[t]}
             ax.plot(x, y, **style, zorder=3)
-            if band is not None and np.isfinite(band).any():
-                ok = np.isfinite(band).all(axis=1)
-                ax.fill_between(
-                    x,
-                    band[:, 0],
-                    band[:, 1],
-                    where=ok,
-                    color=TYPE_COLORS[t],
-                    alpha=0.18,
-                    linewidth=0,
-                    zorder=2,
-                )
-        if scale == "log":
+            _fill(ax, x, band, TYPE_COLORS[t])
+        values = change[canonical] if canonical else change
+        any_change = bool(np.isfinite(values).any()) and float(np.nanmax(values)) > 0
+        if log_own:
             ax.set_yscale("log")
-            top = np.nanmax(np.maximum(change, CHANGE_FLOOR))
-            ax.set_ylim(CHANGE_FLOOR / 1.5, top * 8)
+            ax.set_ylim(CHANGE_FLOOR / 1.5, float(np.nanmax(values)) * 8)
             ax.set_ylabel("1 − CKA  (log scale)")
         else:
             ax.set_ylabel("1 − CKA")
-        if canonical and np.isfinite(change[canonical]).any():
+            ax.ticklabel_format(axis="y", useOffset=False)
+        if any_change and canonical:
             i = canonical[int(np.nanargmax(change[canonical]))]
-            y_mark = max(float(change[i]), CHANGE_FLOOR) if scale == "log" else float(change[i])
+            y_mark = max(float(change[i]), CHANGE_FLOOR) if log_own else float(change[i])
             _mark_extreme(
                 ax,
                 float(r.blocks[i]),
@@ -687,9 +703,12 @@ def _draw_depth(r: _Parsed, dpi: int) -> Figure:
                 f"largest: {r.layers[i]}",
                 above=True,
             )
-            if scale == "linear":
+            if not log_own:
                 lo, hi = ax.get_ylim()
                 ax.set_ylim(lo, hi + 0.2 * (hi - lo))
+        elif canonical:
+            ax.set_ylim(-0.05, 1.0)
+            _no_change_note(ax, r)
         ax.set_title(
             "(b) Own change of each sublayer, 1 − CKA: higher = more change\n"
             "      fine-tuned sublayer applied to the pretrained input",
@@ -697,8 +716,10 @@ def _draw_depth(r: _Parsed, dpi: int) -> Figure:
         )
         _depth_xaxis(ax, r)
     axes[-1].set_xlabel("block index")
-    fig.legend(loc="outside upper center", ncols=len(types), handlelength=2.4, columnspacing=1.4)
-    note = f"(b) log axis: own changes ≤ {CHANGE_FLOOR:g} drawn at its floor" if log_own else ""
+    fig.legend(
+        loc="outside upper center", ncols=max(1, len(types)), handlelength=2.4, columnspacing=1.4
+    )
+    note = f"(b): own changes ≤ {CHANGE_FLOOR:g} at the axis floor" if log_own else ""
     _decorate(fig, None, r, note)
     return fig
 
@@ -726,6 +747,8 @@ def _draw_bar_panel(
     label: str,
 ) -> None:
     x, centres = _bar_positions(r)
+    change = _snap(change)
+    bands = _snap(bands) if bands is not None else None
     scale = _change_scale(change)
     colors = [TYPE_COLORS[t] for t in r.types]
     heights = change.copy()
@@ -785,7 +808,11 @@ def _draw_bar_panel(
     else:
         ax.axhline(0, color="black", linewidth=0.6, zorder=2)
         ax.set_ylabel(label)
-    if finite.any():
+    if not (finite.any() and np.nanmax(change) > 0):
+        if scale == "linear":
+            ax.set_ylim(-0.05, 1.0)
+        _no_change_note(ax, r)
+    else:
         i = int(np.nanargmax(change))
         top_y = max(change[i], CHANGE_FLOOR) if scale == "log" else change[i]
         ax.bar(
