@@ -135,6 +135,9 @@ def test_self_comparison_bare_tensors_reordering_and_errors():
     np.testing.assert_allclose(out["diagonal"].numpy(), 1.0, atol=1e-6)
     torch.testing.assert_close(out["matrix"], out["matrix"].T)
     assert m.diagonal_dict() == pytest.approx({f"cka/{n}": 1.0 for n in NAMES_A}, abs=1e-6)
+    res = m.to_result()
+    assert res.names_a == NAMES_A and res.samples == 32
+    assert res.diagonal() == pytest.approx(dict.fromkeys(NAMES_A, 1.0), abs=1e-6)
 
     bare = CKAMetric()
     bare.update(fa["a0"], fa["a1"])

@@ -50,7 +50,7 @@ from torch import nn
 
 from cka_geo.accumulator import BatchGrams, MinibatchCKA
 from cka_geo.capture import capture, forward_batch, resolve_sublayers
-from cka_geo.errors import DataError, UsageError
+from cka_geo.errors import CkaGeoError, DataError, UsageError
 from cka_geo.functional import DEFAULT_RBF_FRAC, Estimator, Kernel, check_kernel, min_samples
 
 if TYPE_CHECKING:
@@ -360,8 +360,9 @@ def plot_trajectory(
 ) -> Path:
     """Heatmap of a trajectory: sublayers (rows) × measurement steps (columns), colour = CKA.
 
-    matplotlib (Agg) is imported here only. The file is written atomically; its format
-    follows the suffix (``.png``, ``.pdf``, ``.svg``).
+    matplotlib is imported here only, and drawn with its Agg canvas without pyplot (no
+    global backend state). NaN cells (a constant sublayer) are grey. The file is written
+    atomically; its format follows the suffix (``.png``, ``.pdf``, ``.svg``).
 
     Args:
         trajectory: From :attr:`CKAMonitor.trajectory`.
@@ -375,10 +376,12 @@ def plot_trajectory(
     """
     if not trajectory.steps:
         raise UsageError("plot_trajectory: the trajectory has no measurements yet")
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    try:
+        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:  # pragma: no cover - the plot extra is missing
+        raise CkaGeoError("plot_trajectory needs matplotlib: pip install 'cka-geo[plot]'") from None
 
     from cka_geo.atomic import atomic_path
 
@@ -386,22 +389,24 @@ def plot_trajectory(
     finite = values[np.isfinite(values)]
     lo = vmin if vmin is not None else min(0.9, float(finite.min()) if finite.size else 0.0)
     n_names, n_steps = values.shape
-    fig, ax = plt.subplots(figsize=(min(16, 2.5 + 0.35 * n_steps), min(20, 1.2 + 0.28 * n_names)))
-    try:
-        im = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="viridis", vmin=lo, vmax=vmax)
-        ax.set_yticks(range(n_names), trajectory.names, fontsize=7)
-        ticks = np.unique(np.linspace(0, n_steps - 1, min(n_steps, 12)).round().astype(int))
-        ax.set_xticks(ticks, [str(trajectory.steps[i]) for i in ticks], fontsize=7)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("sublayer")
-        ax.set_title(title or "CKA to the reference during training")
-        fig.colorbar(im, ax=ax, label="CKA")
-        fig.tight_layout()
-        out = Path(path)
-        with atomic_path(out) as tmp:
-            fig.savefig(tmp, format=out.suffix.lstrip(".") or "png", dpi=120)
-    finally:
-        plt.close(fig)
+    # Agg figure without pyplot: no global backend state, nothing left open.
+    fig = Figure(figsize=(min(16, 3.0 + 0.35 * n_steps), min(20, 1.4 + 0.28 * n_names)), dpi=120,
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad=(0.85, 0.85, 0.85, 1.0))
+    im = ax.imshow(np.ma.masked_invalid(values), aspect="auto", interpolation="nearest", cmap=cmap,
+                   vmin=lo, vmax=vmax)
+    ax.set_yticks(range(n_names), trajectory.names, fontsize=7)
+    ticks = np.unique(np.linspace(0, n_steps - 1, min(n_steps, 12)).round().astype(int))
+    ax.set_xticks(ticks, [str(trajectory.steps[i]) for i in ticks], fontsize=7)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("sublayer")
+    ax.set_title(title or "CKA to the reference during training", fontsize=10)
+    fig.colorbar(im, ax=ax, label="CKA")
+    out = Path(path)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format=out.suffix.lstrip(".").lower() or "png")
     return out
 
 
