@@ -292,8 +292,9 @@ class CKAMonitor:
         with observing(module):
             ref = self._reference_grams(_device_of(module))
             self._engine.reset()
-            for ga, gb in zip(ref, self._grams_of(module, keep=False), strict=True):
-                self._engine.update_grams(ga, gb)
+            with contextlib.closing(self._grams_of(module, keep=False)) as grams:  # hooks go on error too
+                for ga, gb in zip(ref, grams, strict=True):
+                    self._engine.update_grams(ga, gb)
             res = self._engine.compute()
         self.last_result = res
         return {n: float(res.matrix[i, i]) for i, n in enumerate(self.names)}
