@@ -551,6 +551,10 @@ def _series(
 
 
 def _mark_extreme(ax: Axes, x: float, y: float, text: str, *, above: bool) -> None:
+    """Circle the point (x, y) and label it; the label stays inside the axes at the edges."""
+    left, right = ax.get_xlim()
+    frac = (x - left) / (right - left) if right != left else 0.5
+    ha, dx = ("right", 6) if frac > 0.85 else ("left", -6) if frac < 0.15 else ("center", 0)
     ax.plot(
         [x],
         [y],
@@ -564,9 +568,9 @@ def _mark_extreme(ax: Axes, x: float, y: float, text: str, *, above: bool) -> No
     ax.annotate(
         text,
         xy=(x, y),
-        xytext=(0, 14 if above else -14),
+        xytext=(dx, 14 if above else -14),
         textcoords="offset points",
-        ha="center",
+        ha=ha,
         va="bottom" if above else "top",
         fontsize=7.5,
         bbox={
@@ -621,6 +625,7 @@ def _draw_depth(r: _Parsed, dpi: int) -> Figure:
 
     # (a) same-layer CKA (noise within the floor of 1 drawn at 1)
     ax = axes[0]
+    _depth_xaxis(ax, r)
     cka = 1.0 - _snap(1.0 - r.diagonal)
     cka_bands = 1.0 - _snap(1.0 - r.intervals) if r.intervals is not None else None
     for t in types:
@@ -672,6 +677,7 @@ def _draw_depth(r: _Parsed, dpi: int) -> Figure:
     log_own = False
     if r.own is not None:
         ax = axes[1]
+        _depth_xaxis(ax, r)
         change = _snap(1.0 - r.own)
         bands = _snap(1.0 - r.own_intervals[:, ::-1]) if r.own_intervals is not None else None
         scale = _change_scale(change[canonical] if canonical else change)
