@@ -189,3 +189,16 @@ def test_inconsistent_batches_are_refused():
             fresh = MinibatchCKA()
             fresh.update({"x": torch.randn(2, 3)})
             fresh.compute()
+
+
+def test_a_global_low_matmul_precision_does_not_reach_the_grams():
+    fa, fb = layers(20, 64, [32, 32], dtype=np.float32), layers(21, 64, [32], dtype=np.float32)
+    want = cka_matrix(as_dict(fa, "a"), as_dict(fb, "b")).matrix
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        got = cka_matrix(as_dict(fa, "a"), as_dict(fb, "b")).matrix
+        assert torch.get_float32_matmul_precision() == "medium"  # restored after the update
+    finally:
+        torch.set_float32_matmul_precision(before)
+    np.testing.assert_array_equal(got, want)

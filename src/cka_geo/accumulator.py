@@ -20,8 +20,9 @@ sample count to use every sample.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +98,26 @@ class CKAResult:
         except ValueError:
             missing = name_a if name_a not in self.names_a else name_b
             raise UsageError(f"no layer named {missing!r} in this result") from None
+
+
+@contextlib.contextmanager
+def full_fp32_matmul() -> Iterator[None]:
+    """Run float32 matmuls at full float32 precision inside the block.
+
+    A global ``torch.set_float32_matmul_precision("high")`` or
+    ``torch.backends.cuda.matmul.allow_tf32 = True`` (common in training scripts) would let
+    the grams run in TF32/bf16 with ~1e-3 relative error; the accuracy this engine states
+    (1e-6 against a float64 reference) needs full float32. The settings are restored after.
+    """
+    precision = torch.get_float32_matmul_precision()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def cka_from_sums(cross: np.ndarray, self_a: np.ndarray, self_b: np.ndarray) -> np.ndarray:
@@ -343,7 +364,8 @@ class MinibatchCKA:
     def _prepare(
         self, feats: Mapping[str, torch.Tensor], names: list[str], n: int, slot: str | None
     ) -> BatchGrams:
-        k, sigma = self._grams(feats, slot)
+        with full_fp32_matmul():
+            k, sigma = self._grams(feats, slot)
         rows, tot, sq = self._terms(k)
         return BatchGrams(names, n, k, rows, tot, sq, sigma, feats if slot is not None else None)
 
