@@ -109,6 +109,20 @@ def full_fp32_matmul() -> Iterator[None]:
     the grams run in TF32/bf16 with ~1e-3 relative error; the accuracy this engine states
     (1e-6 against a float64 reference) needs full float32. The settings are restored after.
     """
+    backends = [
+        b for b in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None))
+        if b is not None and hasattr(b, "fp32_precision")
+    ]
+    if backends:  # torch >= 2.9: per-backend settings; never mix with the legacy API
+        saved = [b.fp32_precision for b in backends]
+        for b in backends:
+            b.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            for b, value in zip(backends, saved, strict=True):
+                b.fp32_precision = value
+        return
     precision = torch.get_float32_matmul_precision()
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.set_float32_matmul_precision("highest")
