@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reference as ref
-from cka_geo.accumulator import MinibatchCKA, cka_matrix
+from cka_geo.accumulator import MinibatchCKA, cka_matrix, full_fp32_matmul
 from cka_geo.errors import FeatureError
 from cka_geo.functional import cka
 
@@ -199,6 +199,10 @@ def test_a_global_low_matmul_precision_does_not_reach_the_grams():
     try:
         got = cka_matrix(as_dict(fa, "a"), as_dict(fb, "b")).matrix
         assert torch.get_float32_matmul_precision() == "medium"  # restored after the update
+        with full_fp32_matmul():  # (this CPU may lack bf16, so check the switch itself too)
+            assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+            assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
     finally:
         torch.set_float32_matmul_precision(before)
     np.testing.assert_array_equal(got, want)
