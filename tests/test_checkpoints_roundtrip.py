@@ -106,3 +106,17 @@ def test_save_refuses_bad_extra_and_suffix(tmp_path):
     with pytest.raises(UsageError, match="suffix"):
         save_checkpoint(tmp_path / "a.ckpt", model, cfg)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_num_heads_override_on_project_files(tmp_path):
+    cfg = VIT_CONFIGS[0]
+    loaded = load_checkpoint(
+        save_checkpoint(tmp_path / "v.pt", VisionTransformer(cfg), cfg), num_heads=4
+    )
+    assert loaded.config.num_heads == 4
+    assert any("file says 2" in n for n in loaded.notes)
+    ocfg = OpenClipVisionConfig(
+        image_size=16, patch_size=8, in_chans=3, width=64, layers=1, heads=1, mlp_hidden_dim=64
+    )
+    path = save_checkpoint(tmp_path / "o.safetensors", OpenClipVisionTransformer(ocfg), ocfg)
+    assert load_checkpoint(path, num_heads=2).config.heads == 2

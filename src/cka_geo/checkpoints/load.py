@@ -171,9 +171,11 @@ def _resolve(
     project = _from_project_file(obj, metadata)
     if project is not None:
         family, config, sd, extra = project
-        if num_heads is not None and family == "timm" and num_heads != config.num_heads:
-            notes.append(f"num_heads={num_heads} as given (file says {config.num_heads})")
-            config = dataclasses.replace(config, num_heads=num_heads)
+        field_name = "num_heads" if family == "timm" else "heads"
+        stored = getattr(config, field_name)
+        if num_heads is not None and num_heads != stored:
+            notes.append(f"num_heads={num_heads} as given (file says {stored})")
+            config = dataclasses.replace(config, **{field_name: num_heads})
         head = _split_head(sd) if family == "timm" else {}
         notes.append("written by cka-geo: config read from the file, nothing inferred")
         build_cfg = dataclasses.replace(config, num_classes=0) if family == "timm" else config
