@@ -244,6 +244,6 @@ def test_figures_are_written_and_the_json_round_trips_through_plot(tmp_path, cap
     sizes = {name: png_size(out_dir / name) for name in figures}
     assert all(w >= 600 and h >= 400 for w, h in sizes.values())
     redraw = tmp_path / "redraw"
-    code, out, err = cli(["plot", str(out_dir / "results.json"), "--out", str(redraw)], capsys)
+    code, _out, err = cli(["plot", str(out_dir / "results.json"), "--out", str(redraw)], capsys)
     assert code == 0, err
     assert {name: png_size(redraw / name) for name in figures} == sizes
