@@ -133,3 +133,23 @@ def test_image_size_mismatch_hint(tmp_path):
         match=r"'pos_embed' has shape \(1, 5, 32\) .* \(1, 17, 32\) .*image sizes",
     ):
         check_pair(a, b)
+
+
+def test_final_norm_swap_is_tolerated_and_said(tmp_path):
+    """MAE pretraining keeps `norm`; its global-pool fine-tune has `fc_norm` instead."""
+    torch.manual_seed(0)
+    pre_model = VisionTransformer(CFG)
+    ft_model = VisionTransformer(ViTConfig(**{**CFG.to_dict(), "global_pool": "avg"}))
+    ft_model.load_state_dict(
+        {k: v for k, v in pre_model.state_dict().items() if not k.startswith("norm.")}, strict=False
+    )
+    pre, ft = _save(tmp_path, "pre.ckpt", pre_model), _save(tmp_path, "ft.ckpt", ft_model)
+    assert ft.config.use_fc_norm and not pre.config.use_fc_norm
+    report = check_pair(pre, ft)
+    assert report.identical  # every shared tensor is equal
+    assert "final norms differ (fc_norm, norm" in report.summary()
+    assert "norm.weight" not in report.tensor_change
+    with pytest.raises(ArchitectureMismatchError, match=r"'blocks\.1\.norm1\.weight'"):
+        check_pair(
+            pre, {k: v for k, v in ft.state_dict.items() if not k.startswith("blocks.1.norm1.")}
+        )

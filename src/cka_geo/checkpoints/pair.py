@@ -58,12 +58,20 @@ def _ratio(num: float, den: float) -> float:
     return math.sqrt(num / den) if den > 0 else math.inf
 
 
+#: Keys one side may lack (MAE fine-tunes swap ``norm`` for ``fc_norm``): outside the blocks.
+_FINAL_NORMS = ("norm.", "fc_norm.")
+
+
 def _shape_check(
     sa: dict[str, torch.Tensor], sb: dict[str, torch.Tensor], na: str, nb: str
-) -> None:
+) -> list[str]:
+    """Refuse differing keys or shapes; return the final-norm keys only one side has."""
+    tolerated = [k for k in [*sa, *sb] if k.startswith(_FINAL_NORMS) and (k in sa) != (k in sb)]
     for key, ta in sa.items():
+        if key in tolerated:
+            continue
         if key not in sb:
-            missing = [k for k in sa if k not in sb]
+            missing = [k for k in sa if k not in sb and k not in tolerated]
             raise ArchitectureMismatchError(
                 f"encoders differ: {key!r} {tuple(ta.shape)} is in {na} but missing from {nb} "
                 f"({len(missing)} key(s) missing there)"
@@ -79,12 +87,13 @@ def _shape_check(
                 f"encoders differ: first differing key {key!r} has shape {tuple(ta.shape)} in {na} "
                 f"and {tuple(sb[key].shape)} in {nb}{hint}"
             )
-    extra = [k for k in sb if k not in sa]
+    extra = [k for k in sb if k not in sa and k not in tolerated]
     if extra:
         raise ArchitectureMismatchError(
             f"encoders differ: {extra[0]!r} {tuple(sb[extra[0]].shape)} is in {nb} but missing "
             f"from {na} ({len(extra)} key(s) missing there)"
         )
+    return tolerated
 
 
 def check_pair(
@@ -113,7 +122,7 @@ def check_pair(
             raise ArchitectureMismatchError(
                 f"encoders differ: {na} is {a.family}, {nb} is {b.family}"
             )
-        _shape_check(sa, sb, na, nb)
+        tolerated = _shape_check(sa, sb, na, nb)
         ca, cb = a.config.to_dict(), b.config.to_dict()
         for key in ("num_heads", "heads", "norm_eps", "act", "class_token", "no_embed_class"):
             if key in ca and ca[key] != cb.get(key):
@@ -121,10 +130,19 @@ def check_pair(
                     f"encoders differ: config {key} is {ca[key]!r} in {na} and {cb.get(key)!r} in {nb}"
                 )
     else:
-        _shape_check(sa, sb, na, nb)
+        tolerated = _shape_check(sa, sb, na, nb)
     report = PairReport(identical=True)
+    if tolerated:
+        report.notes.append(
+            "the final norms differ ("
+            + ", ".join(sorted({k.split(".")[0] for k in tolerated}))
+            + " in one encoder only, e.g. an MAE fine-tune with fc_norm): outside the compared "
+            "sublayers, not compared"
+        )
     sq: dict[str, tuple[float, float]] = {}
     for key, ta in sa.items():
+        if key in tolerated:
+            continue
         tb = sb[key]
         if torch.equal(ta, tb):
             sq[key] = (0.0, float(ta.detach().double().pow(2).sum()))
@@ -139,7 +157,7 @@ def check_pair(
             report.tensor_change[key] = _ratio(*sq[key])
     if isinstance(a, LoadedCheckpoint):
         report.sublayer_change = _sublayer_change(a, sq)
-    _describe(report, na, nb, len(sa))
+    _describe(report, na, nb, len(sa) - len([k for k in tolerated if k in sa]))
     return report
 
 
