@@ -66,7 +66,7 @@ def test_cover_map_matches_formula(
 
 
 @settings(max_examples=40, deadline=None)
-@given(arrays(np.float64, (4, 6), elements=st.floats(0, 1e4)), st.floats(0.1, 10))
+@given(arrays(np.float64, (4, 6), elements=st.one_of(st.just(0.0), st.floats(1e-6, 1e4))), st.floats(0.1, 10))
 def test_normalized_difference_scale_free_and_bounded(a: np.ndarray, k: float) -> None:
     b = a[::-1].copy()
     d = lab.normalized_difference(a, b)
