@@ -81,7 +81,7 @@ def add_train_arguments(p: argparse.ArgumentParser, epochs: int, lr: float, batc
     g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
     g.add_argument("--warmup-steps", type=nonneg_int, default=20, help="linear warm-up steps (default 20)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and masks (default 0)")
-    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: min(cores, 8))")
+    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: available cores, at most 4)")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue an interrupted run (default file: OUT/checkpoints/last.pt)")
     g.add_argument("--stop-after-epoch", type=positive_int, default=None, help=argparse.SUPPRESS)
@@ -90,7 +90,11 @@ def add_train_arguments(p: argparse.ArgumentParser, epochs: int, lr: float, batc
 
 
 def set_threads(n: int | None) -> int:
-    """``torch.set_num_threads``: ``n`` or min(available cores, 8)."""
+    """``torch.set_num_threads``: ``n`` or min(available cores, 4).
+
+    The models trained here are small: beyond 4 threads the OpenMP barriers cost more than
+    they save, and on a busy machine even 2 threads can be slower than 1.
+    """
     import torch
 
     if n is None:
@@ -98,7 +102,7 @@ def set_threads(n: int | None) -> int:
             cores = len(os.sched_getaffinity(0))
         except AttributeError:  # not on Linux
             cores = os.cpu_count() or 1
-        n = max(1, min(cores, 8))
+        n = max(1, min(cores, 4))
     torch.set_num_threads(n)
     return n
 

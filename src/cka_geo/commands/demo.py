@@ -33,9 +33,10 @@ KINDS = ("attn", "fc1", "fc2", "block")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``cka-geo demo``."""
     p.add_argument("--out", type=Path, default=Path("cka-geo-demo"), help="output directory (default ./cka-geo-demo)")
-    p.add_argument("--threads", type=T.positive_int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=T.positive_int, default=None,
+                   help="torch CPU threads (default: available cores, at most 4; use 1 on a busy machine)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
-    p.add_argument("--pretrain-epochs", type=T.positive_int, default=15, help="MAE epochs (default 15)")
+    p.add_argument("--pretrain-epochs", type=T.positive_int, default=30, help="MAE epochs (default 30)")
     p.add_argument("--finetune-epochs", type=T.positive_int, default=5, help="fine-tuning epochs (default 5)")
     p.add_argument("--samples", type=T.positive_int, default=512, help="probe images for CKA (default 512)")
     p.add_argument("--quick", action="store_true", help="a tiny run (2 blocks, 1 epoch each) to check the plumbing")
@@ -98,7 +99,7 @@ def _figures(results: dict[str, dict[str, Any]], depth: int, fig_dir: Path) -> l
             ax.set_xlabel("block")
             ax.set_xticks(range(depth))
             ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel(f"1 − {title.split(':')[0]}")
+        axes[0][0].set_ylabel("1 − CKA (higher: more change)")
         axes[0][0].legend(fontsize=8)
         fig.suptitle(f"cka-geo demo: {title}", fontsize=10)
         fig.tight_layout()
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     from cka_geo.vit import ViTConfig
 
     t0, c0 = time.perf_counter(), time.process_time()
-    torch.set_num_threads(args.threads)
+    args.threads = T.set_threads(args.threads)
     out: Path = args.out
     depth = 2 if args.quick else 12
     p_epochs = 1 if args.quick else args.pretrain_epochs
@@ -149,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         t = time.perf_counter()
         fcfg = TrainConfig(epochs=f_epochs, batch_size=32, lr=1e-3, warmup_steps=20, seed=args.seed, progress=args.progress)
         res = finetune(pre.encoder_path, train, out / f"finetune_{decoder}", fcfg, task="segmentation",
-                       num_outputs=2, decoder=decoder, decoder_channels=32, adaptation="full",
+                       num_outputs=2, decoder=decoder, decoder_channels=16, adaptation="full",
                        val_data=val, test_data=test)
         timings[f"finetune_{decoder}_s"] = time.perf_counter() - t
         runs[decoder] = res
