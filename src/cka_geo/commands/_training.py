@@ -82,6 +82,7 @@ def add_train_arguments(p: argparse.ArgumentParser, epochs: int, lr: float, batc
     g.add_argument("--warmup-steps", type=nonneg_int, default=20, help="linear warm-up steps (default 20)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and masks (default 0)")
     g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: available cores, at most 4)")
+    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N (default auto)")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue an interrupted run (default file: OUT/checkpoints/last.pt)")
     g.add_argument("--stop-after-epoch", type=positive_int, default=None, help=argparse.SUPPRESS)
@@ -114,8 +115,17 @@ def train_config(args: argparse.Namespace) -> Any:
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, seed=args.seed, progress=args.progress,
-        stop_after_epoch=args.stop_after_epoch,
+        stop_after_epoch=args.stop_after_epoch, device=resolve_device(args.device),
     )
+
+
+def resolve_device(name: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; other names as given."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def resume_path(args: argparse.Namespace, out: Any) -> Any:

@@ -66,6 +66,8 @@ class TrainConfig:
         keep_checkpoints: Per-epoch files to keep (newest), or None for all.
         progress: Show a progress bar; None: only if stderr is a terminal.
         log_every: Record the step loss every this many steps.
+        device: Where to train (``"cpu"``, ``"cuda"``, ``"cuda:N"``); batches are moved there.
+            Bit-identical resume is guaranteed on CPU only.
     """
 
     epochs: int = 10
@@ -81,6 +83,7 @@ class TrainConfig:
     keep_checkpoints: int | None = None
     progress: bool | None = None
     log_every: int = 1
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -181,6 +184,17 @@ def _collate(dataset: Any, idx: torch.Tensor) -> Any:
     return default_collate([dataset[int(i)] for i in idx])
 
 
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move the tensors of a (nested list/tuple/dict) batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
@@ -251,6 +265,13 @@ def fit(
     out = Path(out_dir) if out_dir is not None else None
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {cfg.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {cfg.device!r} requested but CUDA is not available")
+    model.to(device)
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     config = {"train": asdict(cfg), **(run_config or {})}
@@ -295,6 +316,7 @@ def fit(
             losses = []
             for i in range(steps_per_epoch):
                 batch = _collate(train_data, order[i * cfg.batch_size : (i + 1) * cfg.batch_size])
+                batch = to_device(batch, device)
                 lr = get_lr(step, total_steps, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr

@@ -243,7 +243,9 @@ def evaluate(model: TaskModel, dataset: Any, batch_size: int = 32) -> dict[str, 
     )
     total, n = 0.0, 0
     try:
+        device = next(model.parameters()).device
         for x, y, *_ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            x, y = x.to(device), y.to(device)
             out = model(x)
             total += float(model.loss(out, y)) * x.shape[0]
             n += x.shape[0]
