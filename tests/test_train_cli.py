@@ -83,6 +83,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         assert (tmp_path / f"d/compare_{decoder}/results.json").is_file()
     pytest.importorskip("matplotlib")
     assert (tmp_path / "d/figures/demo_depth_profile.png").stat().st_size > 1000
+    assert (tmp_path / "d/compare_upernet/heatmap.png").is_file()
 
 
 def test_cli_resume_matches_uninterrupted(tmp_path, capsys):

@@ -7,8 +7,9 @@
    decoder on blocks [3, 5, 7, 11].
 3. Compare each ``ft.pt`` with ``pre.pt`` (:func:`cka_geo.compare.compare_checkpoints`),
    sublayer by sublayer.
-4. Write figures (``figures/``), ``summary.md`` and ``summary.json``: which sublayer changed
-   most, and whether fc1 changed most among the sublayer kinds.
+4. Write figures (``figures/`` for the two settings side by side, and the compare figures in
+   each ``compare_*/``), ``summary.md`` and ``summary.json``: which sublayer changed most,
+   and which sublayer kind (attn, fc1, fc2) changed most on average over depth.
 
 Every step is seeded; with the same ``--threads`` the numbers repeat exactly.
 """
@@ -168,6 +169,12 @@ def run(args: argparse.Namespace) -> int:
         r = compare_checkpoints(res.pre_path, res.ft_path, device="cpu", samples=samples, batch_size=64,
                                 seed=args.seed, bootstrap=200, progress=args.progress)
         write_results(r, out / f"compare_{decoder}")
+        try:  # the compare command's own figures: heatmap, depth profile, change bars
+            from cka_geo.plotting import plot_all
+
+            plot_all(r, out / f"compare_{decoder}")
+        except ImportError:  # matplotlib (extra "plot") not installed
+            pass
         timings[f"compare_{decoder}_s"] = time.perf_counter() - t
         results[decoder] = r
 
