@@ -34,7 +34,6 @@ from cka_geo.functional import (
     DEFAULT_RBF_FRAC,
     Estimator,
     Kernel,
-    center_features,
     check_kernel,
     gram_rbf,
     min_samples,
@@ -98,6 +97,10 @@ class CKAResult:
         except ValueError:
             missing = name_a if name_a not in self.names_a else name_b
             raise UsageError(f"no layer named {missing!r} in this result") from None
+
+
+#: Largest stack of one width's features made at once for the batched gram matmul.
+_STACK_BYTES = 64 << 20
 
 
 @contextlib.contextmanager
@@ -310,14 +313,30 @@ class MinibatchCKA:
         sigma = None
         if self.kernel == "rbf":
             sigma = torch.empty(len(tensors), dtype=torch.float64, device=device)
+        # Layers of one width go through one batched matmul (much faster than one matmul per
+        # layer), in chunks whose stacked features stay under _STACK_BYTES.
+        groups: dict[int, list[int]] = {}
         for i, x in enumerate(tensors):
-            if self.kernel == "linear":
-                xc = center_features(x.to(dtype))
-                torch.mm(xc, xc.T, out=buf[i])
-            else:
-                k, sigma[i] = gram_rbf(x.to(dtype), self.rbf_frac)  # type: ignore[index]
-                buf[i] = k
-                buf[i] -= k.mean()
+            groups.setdefault(x.shape[1], []).append(i)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        for width, members in groups.items():
+            step = max(1, _STACK_BYTES // (n * width * itemsize))
+            for start in range(0, len(members), step):
+                idx = members[start : start + step]
+                x = torch.stack([tensors[i].to(dtype) for i in idx])
+                consecutive = idx == list(range(idx[0], idx[0] + len(idx)))
+                if self.kernel == "linear":
+                    x -= x.mean(dim=1, keepdim=True)
+                    if consecutive:  # straight into the buffer
+                        torch.bmm(x, x.transpose(1, 2), out=buf[idx[0] : idx[0] + len(idx)])
+                        continue
+                    g = torch.bmm(x, x.transpose(1, 2))
+                else:
+                    g, s = gram_rbf(x, self.rbf_frac)
+                    g -= g.mean(dim=(1, 2), keepdim=True)
+                    sigma[idx] = s  # type: ignore[index]
+                buf.index_copy_(0, torch.tensor(idx, device=device), g)
+                del x, g
         if self.estimator == "unbiased":
             buf.diagonal(dim1=-2, dim2=-1).zero_()
         return buf, sigma
@@ -325,7 +344,7 @@ class MinibatchCKA:
     @staticmethod
     def _terms(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Row sums (L, n), totals (L,) and squared Frobenius norms (L,) of grams, float64."""
-        rows = k.sum(-1, dtype=torch.float64)
+        rows = k.sum(-1).to(torch.float64)  # n terms per row in the grams dtype; no float64 copy of K
         sq = torch.linalg.vector_norm(k, dim=-1).to(torch.float64).square().sum(-1)
         return rows, rows.sum(-1), sq
 
