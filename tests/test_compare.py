@@ -85,6 +85,11 @@ def test_a_frozen_fine_tune_with_a_new_head_is_reported(tmp_path):
     res = compare_checkpoints(pre, ft, **FAST)
     assert res["summary"]["identical"] is True
     assert res["checkpoints"]["ft"]["prefix"].endswith("model.encoder.")
+    from cka_geo.report import describe_checkpoints
+
+    lines = describe_checkpoints(res)
+    assert "encoder at 'state_dict.model.encoder.', 1 other key ignored" in lines[1]
+    assert any("num_heads=2 taken from" in line for line in lines)
 
 
 def test_results_record_every_setting_and_the_checkpoints(tmp_path):
@@ -225,7 +230,9 @@ def test_python_dash_m_is_the_console_script(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "first to move: blocks.3.mlp.fc1" in proc.stdout
-    assert proc.stderr == ""  # no progress bar when stderr is not a terminal, no chatter
+    # stderr: what was loaded, no progress bar when stderr is not a terminal
+    assert "\r" not in proc.stderr and "img/s" not in proc.stderr
+    assert f"pre: {pre}: timm ViT, 4 blocks, width 32, 13 bands, 16 px, patch 4; bare encoder" in proc.stderr
 
 
 def png_size(path: Path) -> tuple[int, int]:

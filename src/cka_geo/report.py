@@ -61,6 +61,27 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def describe_checkpoints(results: dict[str, Any]) -> list[str]:
+    """One line per checkpoint saying what was loaded and how (for stderr), then the notes
+    that carry assumptions (guessed head count, ignored keys)."""
+    cfg = results["model"]["config"]
+    depth = cfg.get("depth") or cfg.get("layers")
+    width = cfg.get("embed_dim") or cfg.get("width")
+    size = cfg.get("img_size") or cfg.get("image_size")
+    lines = []
+    for role in ("pre", "ft"):
+        c = results["checkpoints"][role]
+        prefix = f"encoder at '{c['prefix']}'" if c["prefix"] else "bare encoder"
+        k = c["ignored_keys"]
+        ignored = f", {k} other key{'s' if k != 1 else ''} ignored" if k else ""
+        lines.append(
+            f"{role}: {c['path']}: {c['family']} ViT, {depth} blocks, width {width}, "
+            f"{cfg.get('in_chans')} bands, {size} px, patch {cfg.get('patch_size')}; {prefix}{ignored}"
+        )
+        lines += [f"  {role}: {n}" for n in c["notes"] if "assumed" in n or "taken from" in n]
+    return lines
+
+
 def to_csv(results: dict[str, Any]) -> str:
     """One row per sublayer: name, block, kind, CKA with interval, own change, weight change."""
     buf = io.StringIO()

@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", help="encoder prefix in the files when the automatic choice is wrong")
     p.add_argument("--num-heads", type=int, help="attention heads when the files do not store them (default: width / 64)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar on stderr (default: when stderr is a terminal)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on stderr but errors")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from cka_geo.atomic import atomic_dir
     from cka_geo.compare import CompareOptions, compare_checkpoints
     from cka_geo.errors import UsageError
-    from cka_geo.report import format_table, write_results
+    from cka_geo.report import describe_checkpoints, format_table, write_results
 
     for path in (args.pre, args.ft):
         if not Path(path).exists():
@@ -71,7 +72,11 @@ def run(args: argparse.Namespace) -> int:
         confidence=args.confidence,
         progress=args.progress,
     )
+    if args.quiet and args.progress is None:
+        opts.progress = False
     results = compare_checkpoints(args.pre, args.ft, opts)
+    if not args.quiet:
+        print("\n".join(describe_checkpoints(results)), file=sys.stderr)
     files = [f for f in args.format if f != "table"]
     written = []
     if files or not args.no_figures:
@@ -84,6 +89,6 @@ def run(args: argparse.Namespace) -> int:
             written = sorted(p.name for p in tmp.iterdir())
     if "table" in args.format:
         print(format_table(results))
-    if written:
+    if written and not args.quiet:
         print(f"wrote {', '.join(written)} to {args.out}", file=sys.stderr)
     return 0
