@@ -182,7 +182,7 @@ def probe_batches(opts: CompareOptions, bands: int, size: int) -> tuple[Iterator
 
 
 def _progress(total: int, enabled: bool | None) -> Any:
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     return tqdm(
         total=total,

@@ -438,7 +438,11 @@ def _decorate(fig: Figure, title: str | None, r: _Parsed, note: str = "") -> Non
         fig.suptitle(title, fontsize=10, fontweight="bold")
     line = " · ".join(part for part in (_settings_line(r), note) if part)
     if line:
-        fig.supxlabel(line, fontsize=7, color="#555555")
+        import textwrap
+
+        # wrap to the figure's width (about 0.55 em per character at 7 pt)
+        chars = max(40, int(fig.get_figwidth() * 72 / (0.55 * 7)) - 4)
+        fig.supxlabel(textwrap.fill(line, chars), fontsize=7, color="#555555")
 
 
 def _draw_matrix(r: _Parsed, dpi: int) -> Figure:
