@@ -308,3 +308,18 @@ def test_import_stays_light():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_figures_returns_the_drawings_as_figure_objects(results):
+    from matplotlib.figure import Figure
+
+    figs = plotting.figures(results, dpi=80)
+    assert list(figs) == list(plotting.FIGURES)
+    sizes = plotting.figure_sizes(results)
+    for name, fig in figs.items():
+        assert isinstance(fig, Figure)
+        assert tuple(fig.get_size_inches()) == pytest.approx(sizes[name])
+        assert fig.dpi == 80
+    assert list(plotting.figures(results, names=["change_bars"])) == ["change_bars"]
+    with pytest.raises(UsageError, match="unknown figure 'pie'"):
+        plotting.figures(results, names=["pie"])

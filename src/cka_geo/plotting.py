@@ -959,6 +959,36 @@ def _render(name: str, r: _Parsed, dest: Path, fmt: str, dpi: int) -> None:
         fig.savefig(dest, format=fmt, dpi=dpi, metadata=_metadata(fmt))
 
 
+def figures(
+    results: Mapping[str, Any], *, dpi: int = 100, names: Sequence[str] = FIGURES
+) -> dict[str, Figure]:
+    """The figures as matplotlib ``Figure`` objects, for notebooks and further editing.
+
+    The same drawings as :func:`plot_all` (no pyplot involved, so nothing is shown or kept
+    open behind your back); in Jupyter a returned figure displays inline.
+
+    Args:
+        results: A ``cka-geo/compare/v1`` dict.
+        dpi: Resolution of the figures.
+        names: Which figures, among ``heatmap``, ``depth_profile``, ``change_bars``.
+
+    Returns:
+        ``{name: Figure}`` in the order of ``names``.
+
+    Raises:
+        DataError: ``results`` is not a valid results dict.
+        UsageError: An unknown figure name or a bad dpi.
+    """
+    unknown = [n for n in names if n not in _DRAW]
+    if unknown:
+        raise UsageError(f"unknown figure {unknown[0]!r}; choose from {', '.join(FIGURES)}")
+    r = _parse(results)
+    dpi = _check_dpi(dpi)
+    matplotlib = _import_matplotlib()
+    with matplotlib.rc_context(_RC):
+        return {name: _DRAW[name](r, dpi) for name in names}
+
+
 def _save_one(
     name: str,
     results: Mapping[str, Any],
