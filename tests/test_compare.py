@@ -254,3 +254,13 @@ def test_figures_are_written_and_the_json_round_trips_through_plot(tmp_path, cap
     code, _out, err = cli(["plot", str(out_dir / "results.json"), "--out", str(redraw)], capsys)
     assert code == 0, err
     assert {name: png_size(redraw / name) for name in figures} == sizes
+
+
+@pytest.mark.parametrize(("time_mode", "rows"), [("frames", 24 * 3), ("mean", 24)])
+def test_time_series_data(tmp_path, time_mode, rows):
+    pre, ft = make_pair(tmp_path, "blocks.1.mlp.fc1.weight")
+    data = tmp_path / "series.npy"
+    np.save(data, np.random.default_rng(0).standard_normal((24, 3, 13, 16, 16)).astype(np.float32))
+    res = compare_checkpoints(pre, ft, data=str(data), batch_size=8, bootstrap=50, time_mode=time_mode)
+    assert res["settings"]["samples"] == rows and res["settings"]["time_mode"] == time_mode
+    assert res["summary"]["first_changed"] == "blocks.1.mlp.fc1"

@@ -57,7 +57,8 @@ class CompareOptions:
 
     Attributes:
         data: None for the embedded Sentinel-2 probe set (sized to the model's bands and
-            image size), a folder of .tif/.npy images, or a .npy/.pt array (N, C, H, W).
+            image size), a folder of .tif/.npy images, or a .npy/.pt array (N, C, H, W) or
+            image time series (N, T, C, H, W) (see ``time_mode``).
         sublayers: Sublayer kinds among attn, fc1, act, fc2, block.
         names: Explicit canonical names instead of kinds (order kept).
         kernel: ``"linear"`` or ``"rbf"``.
@@ -70,7 +71,8 @@ class CompareOptions:
         batch_size: Images per batch (also the unit of the bootstrap).
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         seed: Seed of the embedded probe crops and of the bootstrap.
-        time_mode: For time-series input: ``"frames"`` or ``"mean"``.
+        time_mode: For time-series input: ``"frames"`` (each frame an example: N·T rows)
+            or ``"mean"`` (features averaged over time: N rows).
         trust: Allow pickle code in checkpoint files (only for files you trust).
         prefix: Encoder prefix override for both files.
         num_heads: Attention heads when not stored in the files (default width / 64).
@@ -159,8 +161,8 @@ def probe_batches(opts: CompareOptions, bands: int, size: int) -> tuple[Iterator
         total = len(ds)
         source: Iterator[torch.Tensor] = iter_batches(ds, opts.batch_size)
     else:
-        arr = load_array_probes(path, bands=bands)
-        if arr.shape[-2:] != (size, size) and arr.ndim == 4:
+        arr = load_array_probes(path, bands=bands, time_series=True)
+        if arr.shape[-2:] != (size, size):
             raise DataError(f"{path}: images are {arr.shape[-2]}x{arr.shape[-1]}, the model expects {size}x{size}")
         total = arr.shape[0]
         source = iter(arr.split(opts.batch_size))

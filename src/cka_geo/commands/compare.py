@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("pre", help="pretrained checkpoint (.pt .pth .ckpt .bin .safetensors)")
     p.add_argument("ft", help="fine-tuned checkpoint")
-    p.add_argument("--data", help="probe images: a folder of .tif/.npy tiles or a .npy/.pt array (N, C, H, W); default: the embedded Sentinel-2 set")
+    p.add_argument("--data", help="probe images: a folder of .tif/.npy tiles, or a .npy/.pt array (N, C, H, W) or time series (N, T, C, H, W); default: the embedded Sentinel-2 set")
     p.add_argument("--sublayers", nargs="+", choices=SUBLAYER_KINDS, default=list(DEFAULT_SUBLAYERS), metavar="KIND", help=f"sublayer kinds among {', '.join(SUBLAYER_KINDS)} (default: %(default)s)")
     p.add_argument("--kernel", choices=("linear", "rbf"), default="linear")
     p.add_argument("--rbf-frac", type=float, default=DEFAULT_RBF_FRAC, help="RBF sigma as a fraction of the median pairwise distance (default: %(default)s)")

@@ -379,9 +379,15 @@ class ImageFolder(Dataset):
 
 
 def load_array_probes(
-    path: str | Path, *, bands: int | None = None, size: int | None = None
+    path: str | Path,
+    *,
+    bands: int | None = None,
+    size: int | None = None,
+    time_series: bool = False,
 ) -> torch.Tensor:
     """Load a probe set stored as one array of shape (N, C, H, W).
+
+    With ``time_series=True`` an image time series (N, T, C, H, W) is accepted as well.
 
     Args:
         path: ``.npy`` (read memory-mapped, then converted) or ``.pt``/``.pth`` (loaded with
@@ -418,14 +424,15 @@ def load_array_probes(
     if not isinstance(arr, (np.ndarray, torch.Tensor)):
         raise DataError(f"{path}: holds {type(arr).__name__}, expected an array (N, C, H, W)")
     shape = tuple(arr.shape)
-    if len(shape) != 4:
-        raise DataError(f"{path}: array of shape {shape}; expected (N, C, H, W)")
-    if shape[0] == 0:
+    if len(shape) != 4 and not (time_series and len(shape) == 5):
+        want = "(N, C, H, W) or (N, T, C, H, W)" if time_series else "(N, C, H, W)"
+        raise DataError(f"{path}: array of shape {shape}; expected {want}")
+    if shape[0] == 0 or 0 in shape:
         raise DataError(f"{path}: empty probe set (shape {shape})")
-    if bands is not None and shape[1] != bands:
-        raise DataError(f"{path}: {shape[1]} bands, expected {bands} (shape {shape})")
-    if size is not None and shape[2:] != (size, size):
-        raise DataError(f"{path}: images are {shape[2]}x{shape[3]}, expected {size}x{size}")
+    if bands is not None and shape[-3] != bands:
+        raise DataError(f"{path}: {shape[-3]} bands, expected {bands} (shape {shape})")
+    if size is not None and shape[-2:] != (size, size):
+        raise DataError(f"{path}: images are {shape[-2]}x{shape[-1]}, expected {size}x{size}")
     if isinstance(arr, torch.Tensor):
         out = arr.detach().to(torch.float32)
     else:
