@@ -264,3 +264,37 @@ def test_time_series_data(tmp_path, time_mode, rows):
     res = compare_checkpoints(pre, ft, data=str(data), batch_size=8, bootstrap=50, time_mode=time_mode)
     assert res["settings"]["samples"] == rows and res["settings"]["time_mode"] == time_mode
     assert res["summary"]["first_changed"] == "blocks.1.mlp.fc1"
+
+
+def test_a_folder_of_mixed_sizes_and_a_short_last_batch(tmp_path, capsys):
+    pre, ft = make_pair(tmp_path, "blocks.1.mlp.fc1.weight")
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        np.save(folder / f"t{i}.npy", rng.standard_normal((13, 16, 16)).astype(np.float32))
+    np.save(folder / "t9.npy", rng.standard_normal((13, 32, 32)).astype(np.float32))
+    code, _, err = cli(["compare", str(pre), str(ft), "--data", str(folder), "--no-figures", "--out", str(tmp_path / "o")], capsys)
+    one_line_error(code, err, 1, "t9.npy has shape (13, 32, 32) but")
+    (folder / "t9.npy").unlink()
+    code, out, err = cli(["compare", str(pre), str(ft), "--data", str(folder), "--batch-size", "4", "-q",
+                          "--no-figures", "--format", "table"], capsys)
+    assert code == 0 and "first to move: blocks.1.mlp.fc1" in out
+    assert err == "cka-geo: warning: skipping a batch of 2 samples: the unbiased estimator needs at least 4\n"
+
+
+def test_an_unexpected_exception_is_one_line_unless_debugging(tmp_path, capsys, monkeypatch):
+    import cka_geo.commands.compare as command
+
+    def boom(args):
+        raise ValueError("something broke\nsecond line")
+
+    monkeypatch.setattr(command, "run", boom)
+    pre, ft = make_pair(tmp_path, None)
+    code, _, err = cli(["compare", str(pre), str(ft)], capsys)
+    assert code == 1
+    assert err == ("cka-geo: internal error: ValueError: something broke "
+                   "(set CKA_GEO_DEBUG=1 for the traceback, and please report it)\n")
+    monkeypatch.setenv("CKA_GEO_DEBUG", "1")
+    with pytest.raises(ValueError, match="something broke"):
+        main(["compare", str(pre), str(ft)])

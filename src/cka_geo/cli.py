@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import warnings
 from collections.abc import Sequence
+
+import torch
 
 from cka_geo import __version__
 from cka_geo.errors import CkaGeoError
@@ -52,14 +56,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return int(args._run(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # one line each on stderr, restored after
+            return int(args._run(args) or 0)
     except CkaGeoError as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"cka-geo: error: {msg}", file=sys.stderr)
+        print(f"cka-geo: error: {_first_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("cka-geo: interrupted", file=sys.stderr)
         return 130
+    except torch.cuda.OutOfMemoryError:
+        print("cka-geo: error: out of GPU memory; try a smaller --batch-size", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: one line, the traceback on request
+        if os.environ.get("CKA_GEO_DEBUG"):
+            raise
+        print(
+            f"cka-geo: internal error: {type(exc).__name__}: {_first_line(exc)} "
+            "(set CKA_GEO_DEBUG=1 for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _show_warning(message: Warning | str, *args: object, **kwargs: object) -> None:
+    text = _first_line(message) if isinstance(message, Warning) else str(message)
+    print(f"cka-geo: warning: {text}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -778,10 +778,24 @@ def iter_batches(dataset: Dataset, batch_size: int) -> Iterator[torch.Tensor]:
     """
     if batch_size < 1:
         raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+    files = getattr(dataset, "files", None)
+
+    def name(i: int) -> str:
+        return str(files[i]) if files is not None and i < len(files) else f"item {i}"
+
     buf: list[torch.Tensor] = []
+    first: tuple[int, ...] | None = None
     for i in range(len(dataset)):  # type: ignore[arg-type]
         item = dataset[i]
-        buf.append(item[0] if isinstance(item, tuple) else item)
+        image = item[0] if isinstance(item, tuple) else item
+        if first is None:
+            first = tuple(image.shape)
+        elif tuple(image.shape) != first:
+            raise DataError(
+                f"{name(i)} has shape {tuple(image.shape)} but {name(0)} has {first}: "
+                "all images of a probe set must have one size"
+            )
+        buf.append(image)
         if len(buf) == batch_size:
             yield torch.stack(buf)
             buf = []
