@@ -1,0 +1,249 @@
+"""Writing figures: formats, dpi checks, file metadata, and the public ``plot_*`` and ``figures``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cka_geo.atomic import atomic_path
+from cka_geo.errors import UsageError
+from cka_geo.plotting.bars import _draw_bars
+from cka_geo.plotting.canvas import _import_matplotlib
+from cka_geo.plotting.depth import _draw_depth
+from cka_geo.plotting.heatmap import _draw_matrix
+from cka_geo.plotting.results import _parse, _Parsed
+from cka_geo.plotting.style import _RC
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+DPI = 300
+"""Default resolution of PNG output, in dots per inch."""
+
+FORMATS = ("png", "pdf", "svg")
+"""Output formats :func:`plot_all` and the ``plot`` command accept."""
+
+FIGURES = ("heatmap", "depth_profile", "change_bars")
+"""File stems of the figures :func:`plot_all` writes, in order."""
+
+_DRAW = {"heatmap": _draw_matrix, "depth_profile": _draw_depth, "change_bars": _draw_bars}
+
+
+def _check_format(fmt: str) -> str:
+    f = str(fmt).lower().lstrip(".")
+    if f not in FORMATS:
+        raise UsageError(f"unknown figure format {fmt!r}; choose from {', '.join(FORMATS)}")
+    return f
+
+
+def _check_dpi(dpi: int) -> int:
+    if isinstance(dpi, bool) or not isinstance(dpi, int) or not 10 <= dpi <= 2400:
+        raise UsageError(f"--dpi must be an integer between 10 and 2400, got {dpi!r}")
+    return dpi
+
+
+def _metadata(fmt: str) -> dict[str, Any]:
+    # No timestamps: the same results give the same vector files.
+    if fmt == "pdf":
+        return {"Creator": "cka-geo", "CreationDate": None}
+    if fmt == "svg":
+        return {"Creator": "cka-geo", "Date": None}
+    return {"Software": "cka-geo"}
+
+
+def _render(name: str, r: _Parsed, dest: Path, fmt: str, dpi: int) -> None:
+    """Draw figure ``name`` and save it to ``dest`` (already a temporary path)."""
+    matplotlib = _import_matplotlib()
+    with matplotlib.rc_context(_RC):
+        fig = _DRAW[name](r, dpi)
+        fig.savefig(dest, format=fmt, dpi=dpi, metadata=_metadata(fmt))
+
+
+def figures(
+    results: Mapping[str, Any], *, dpi: int = 100, names: Sequence[str] = FIGURES
+) -> dict[str, Figure]:
+    """The figures as matplotlib ``Figure`` objects, for notebooks and further editing.
+
+    The same drawings as :func:`plot_all` (no pyplot involved, so nothing is shown or kept
+    open behind your back); in Jupyter a returned figure displays inline.
+
+    Args:
+        results: A ``cka-geo/compare/v1`` dict.
+        dpi: Resolution of the figures.
+        names: Which figures, among ``heatmap``, ``depth_profile``, ``change_bars``.
+
+    Returns:
+        ``{name: Figure}`` in the order of ``names``.
+
+    Raises:
+        DataError: ``results`` is not a valid results dict.
+        UsageError: An unknown figure name or a bad dpi.
+    """
+    unknown = [n for n in names if n not in _DRAW]
+    if unknown:
+        raise UsageError(f"unknown figure {unknown[0]!r}; choose from {', '.join(FIGURES)}")
+    r = _parse(results)
+    dpi = _check_dpi(dpi)
+    matplotlib = _import_matplotlib()
+    with matplotlib.rc_context(_RC):
+        return {name: _DRAW[name](r, dpi) for name in names}
+
+
+def _save_one(
+    name: str,
+    results: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    dpi: int,
+    fmt: str | None,
+) -> Path:
+    r = _parse(results)
+    dest = Path(path)
+    fmt = _check_format(fmt if fmt is not None else (dest.suffix or ".png"))
+    dpi = _check_dpi(dpi)
+    with atomic_path(dest) as tmp:
+        _render(name, r, tmp, fmt, dpi)
+    return dest
+
+
+def plot_matrix(
+    results: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    dpi: int = DPI,
+    format: str | None = None,
+) -> Path:
+    """Draw the full L × L CKA matrix as a heatmap (pretrained rows, fine-tuned columns).
+
+    Major ticks label blocks, minor ticks mark sublayers and thin white lines separate
+    blocks (every sublayer is named when there are at most 16 layers). NaN entries are
+    drawn hatched grey. Colour scale: viridis over [min(0, data), max(1, data)].
+
+    Args:
+        results: A ``cka-geo/compare/v1`` dict.
+        path: The output file; written atomically.
+        dpi: Resolution for PNG output.
+        format: ``png``, ``pdf`` or ``svg``; by default taken from ``path``'s suffix.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        DataError: ``results`` is not a valid results dict.
+        UsageError: An unknown format or a bad dpi.
+    """
+    return _save_one("heatmap", results, path, dpi, format)
+
+
+def plot_depth_profile(
+    results: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    dpi: int = DPI,
+    format: str | None = None,
+) -> Path:
+    """Draw same-layer CKA against block index, one line per sublayer type.
+
+    Panel (a): CKA(pre, fine-tuned) at each sublayer, with bootstrap bands where the
+    results carry intervals, the lowest point circled. Panel (b), when the results carry
+    ``own_change``: each sublayer's own change as 1 − CKA (a logarithmic axis when the
+    changes span more than two decades), the largest circled.
+
+    Args:
+        results: A ``cka-geo/compare/v1`` dict.
+        path: The output file; written atomically.
+        dpi: Resolution for PNG output.
+        format: ``png``, ``pdf`` or ``svg``; by default taken from ``path``'s suffix.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        DataError: ``results`` is not a valid results dict.
+        UsageError: An unknown format or a bad dpi.
+    """
+    return _save_one("depth_profile", results, path, dpi, format)
+
+
+def plot_change_bars(
+    results: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    dpi: int = DPI,
+    format: str | None = None,
+) -> Path:
+    """Draw change = 1 − CKA per sublayer as bars grouped by block, coloured by type.
+
+    Panel (a): same-layer change; panel (b), when present, the own change. Error bars are
+    the bootstrap intervals; the largest bar of each panel is outlined and annotated with
+    its name and value. A panel switches to a logarithmic axis when its changes span more
+    than two decades.
+
+    Args:
+        results: A ``cka-geo/compare/v1`` dict.
+        path: The output file; written atomically.
+        dpi: Resolution for PNG output.
+        format: ``png``, ``pdf`` or ``svg``; by default taken from ``path``'s suffix.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        DataError: ``results`` is not a valid results dict.
+        UsageError: An unknown format or a bad dpi.
+    """
+    return _save_one("change_bars", results, path, dpi, format)
+
+
+def plot_all(
+    results: Mapping[str, Any],
+    out_dir: str | os.PathLike[str],
+    formats: Iterable[str] = ("png",),
+    *,
+    dpi: int = DPI,
+) -> list[Path]:
+    """Write the heatmap, the depth profile and the change bars in every format.
+
+    All figures are drawn to temporary files first and renamed into place only when every
+    one of them succeeded: a failure leaves no new file behind.
+
+    Args:
+        results: A ``cka-geo/compare/v1`` dict.
+        out_dir: The directory for ``heatmap.<fmt>``, ``depth_profile.<fmt>`` and
+            ``change_bars.<fmt>``; created if missing.
+        formats: Any of ``png``, ``pdf``, ``svg`` (duplicates ignored).
+        dpi: Resolution for PNG output.
+
+    Returns:
+        The written paths, figure by figure, format by format.
+
+    Raises:
+        DataError: ``results`` is not a valid results dict.
+        UsageError: An unknown format, no format, or a bad dpi.
+    """
+    r = _parse(results)
+    fmts = list(dict.fromkeys(_check_format(f) for f in formats))
+    if not fmts:
+        raise UsageError("no figure format given; choose from " + ", ".join(FORMATS))
+    dpi = _check_dpi(dpi)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory")
+    created = not out.exists()
+    written: list[Path] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            for name in FIGURES:
+                for fmt in fmts:
+                    dest = out / f"{name}.{fmt}"
+                    tmp = stack.enter_context(atomic_path(dest))
+                    _render(name, r, tmp, fmt, dpi)
+                    written.append(dest)
+    except BaseException:
+        if created:  # leave no empty output directory behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    return written
