@@ -56,6 +56,7 @@ __all__ = [
     "TYPE_COLORS",
     "TYPE_LABELS",
     "figure_sizes",
+    "figures",
     "load_results",
     "plot_all",
     "plot_change_bars",

@@ -34,6 +34,7 @@ _NAN_COLOR = "#D9D9D9"
 _NAN_HATCH_COLOR = "#8C8C8C"
 
 _RC = {
+    "svg.hashsalt": "cka-geo",  # fixed clip-path ids: the same results give the same SVG
     "font.size": 9,
     "axes.titlesize": 9,
     "axes.labelsize": 9,
