@@ -19,7 +19,7 @@ from cka_geo import __version__
 from cka_geo.errors import CkaGeoError
 
 # Each module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
-COMMANDS = ("compare", "plot", "pretrain", "finetune", "evaluate", "demo")
+COMMANDS = ("compare", "plot", "pretrain", "finetune", "evaluate", "demo", "probe")
 
 
 class _Parser(argparse.ArgumentParser):

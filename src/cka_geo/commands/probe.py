@@ -1,0 +1,85 @@
+"""``cka-geo probe``: a linear probe per depth of a checkpoint's encoder on the embedded tiles."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cka_geo.commands import _training as T
+from cka_geo.errors import DataError, UsageError
+
+NAME = "probe"
+HELP = "Fit one ridge linear probe per sublayer of a checkpoint on the embedded Sentinel-2 tiles."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``cka-geo probe``."""
+    p.add_argument("checkpoint", type=Path, help="encoder checkpoint (.safetensors, .pt, .pth, .ckpt, .bin)")
+    p.add_argument("--task", choices=("classification", "regression"), default="classification",
+                   help="dominant cover class (accuracy, macro-F1) or vegetation fraction (RMSE, R²); default classification")
+    p.add_argument("--sublayers", nargs="+", default=["block"], metavar="KIND_OR_NAME",
+                   help="sublayer kinds (attn fc1 act fc2 block) and/or canonical names (default: block)")
+    p.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="token pooling (default mean)")
+    p.add_argument("--tile-size", type=T.positive_int, default=None,
+                   help="tile size in pixels (default: the model's image size; must equal it unless the model resamples positions)")
+    p.add_argument("--batch-size", type=T.positive_int, default=64, help="batch size (default 64)")
+    p.add_argument("--cv-folds", type=T.positive_int, default=5, help="folds choosing the ridge strength (default 5)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--out", type=Path, default=None, help="write probe.json, probe.csv and probe_depth.png here")
+    p.add_argument("--no-figure", action="store_true", help="skip probe_depth.png")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow pickled code in the checkpoint file (only for files you trust)")
+    p.add_argument("--prefix", help="encoder prefix in the file when the automatic choice is wrong")
+    p.add_argument("--threads", type=T.positive_int, default=None, help="torch CPU threads")
+
+
+def _batches(data: object, batch_size: int) -> object:
+    from torch.utils.data import DataLoader
+
+    return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)  # type: ignore[arg-type]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the per-layer table and the best layer; write the files when ``--out`` is given."""
+    from cka_geo.checkpoints import build_model, load_checkpoint
+    from cka_geo.data import EmbeddedS2Tiles
+    from cka_geo.probing import probe_layers, write_probe
+
+    T.set_threads(args.threads)
+    if not args.checkpoint.is_file():
+        raise UsageError(f"{args.checkpoint}: no such checkpoint")
+    loaded = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint, prefix=args.prefix)
+    cfg = loaded.config
+    img = getattr(cfg, "img_size", None) or getattr(cfg, "image_size", None)
+    bands = getattr(cfg, "in_chans", None)
+    if not img or not bands:
+        raise DataError(f"{args.checkpoint}: the encoder config gives no image size or band count")
+    tile = args.tile_size or int(img)
+    if tile > 128:
+        raise DataError(f"{args.checkpoint}: image size {tile} exceeds the embedded tiles' 128 pixels")
+    if tile != img and not getattr(cfg, "dynamic_img_size", False):
+        raise UsageError(f"--tile-size {tile}: the model takes {img}-pixel images only")
+    try:
+        train = EmbeddedS2Tiles("train", tile_size=tile, task=args.task, bands=int(bands))
+        test = EmbeddedS2Tiles("test", tile_size=tile, task=args.task, bands=int(bands))
+    except DataError:
+        from cka_geo.data import BAND_SELECTIONS
+
+        served = ", ".join(str(b) for b in BAND_SELECTIONS)
+        raise DataError(
+            f"{args.checkpoint}: the embedded tiles cannot serve a {bands}-band model (they serve {served} bands)"
+        ) from None
+    model = build_model(loaded, device=T.resolve_device(args.device))
+    result = probe_layers(
+        model, _batches(train, args.batch_size), _batches(test, args.batch_size),  # type: ignore[arg-type]
+        task=args.task, sublayers=args.sublayers, pooling=args.pooling, cv_folds=args.cv_folds,
+        num_classes=train.num_classes or None,
+    )
+    result.extra.update({"checkpoint": str(args.checkpoint), "sha256": loaded.sha256, "tile_size": tile,
+                         "bands": int(bands), "data": "embedded Sentinel-2 tiles (train/test splits)"})
+    print(result.format_table())
+    if args.out is not None:
+        written = write_probe(result, args.out, figure=not args.no_figure)
+        print(f"wrote {', '.join(p.name for p in written)} to {args.out}", file=sys.stderr)
+    return 0
