@@ -208,6 +208,14 @@ def test_last_layer_best_is_not_intermediate() -> None:
     assert res.best == "blocks.1" and not res.best_is_intermediate
 
 
+def test_tie_with_last_layer_is_not_intermediate() -> None:
+    x, y = planted(200, 8, "classification")
+    x = torch.cat([x[:, :1], x[:, :1]], dim=1)  # both layers carry the same features
+    res = probe_layers(LayerFeed(2), batches(x, y, 64), batches(x, y, 64))
+    assert res.layers[0].metrics == res.layers[1].metrics
+    assert res.best == "blocks.0" and not res.best_is_intermediate
+
+
 def test_bad_inputs_raise_one_line_errors() -> None:
     x, y = planted(20, 7, "classification")
     with pytest.raises(UsageError):
@@ -254,7 +262,8 @@ def test_cli_end_to_end(tiny_ckpt, tmp_path, capsys) -> None:
     data = json.loads((out / "probe.json").read_text())
     assert [lp["name"] for lp in data["layers"]] == ["blocks.0", "blocks.1", "blocks.2"]
     assert data["task"] == "classification" and data["best"] in stdout
-    assert data["best_is_intermediate"] == (data["best"] != "blocks.2")
+    score = {lp["name"]: (lp["metrics"]["accuracy"], lp["metrics"]["macro_f1"]) for lp in data["layers"]}
+    assert data["best_is_intermediate"] == (score[data["best"]] > score["blocks.2"])
     rows = (out / "probe.csv").read_text().splitlines()
     assert rows[0].startswith("layer,block,kind") and len(rows) == 4
     assert (out / "probe_depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

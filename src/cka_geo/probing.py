@@ -23,8 +23,9 @@ The test batches then run through the model once more (one pass per batch, every
 and each layer's probe is scored with the project's metrics
 (:mod:`cka_geo.train.metrics`): accuracy and macro-F1 for classification, RMSE and R² for
 regression. The best layer is the one with the highest accuracy (ties: macro-F1, then the
-earlier layer) or R² (ties: the earlier layer); ``best_is_intermediate`` says whether it is
-another layer than the last one probed.
+earlier layer) or R² (ties: lower RMSE, then the earlier layer); ``best_is_intermediate``
+says whether it scores strictly better than the last layer probed (a tie with the last layer
+is not an intermediate peak).
 
 Example:
     >>> import torch
@@ -295,7 +296,8 @@ class ProbeResult:
         best: Name of the best layer (see the module docstring).
         best_metric: The metric that chose it (``accuracy`` or ``r2``).
         last: Name of the last layer probed.
-        best_is_intermediate: Whether ``best != last``.
+        best_is_intermediate: Whether ``best`` scores strictly better than ``last`` (on the
+            best metric, then macro-F1 or RMSE).
         n_train: Training rows (examples; tokens for ``tokens`` pooling).
         n_test: Test rows.
         num_targets: Classes (classification) or target columns (regression).
@@ -584,7 +586,7 @@ def probe_layers(
     chance = chance_accuracy(torch.cat(test_targets).numpy()) if task == "classification" else None
     return ProbeResult(
         task=task, pooling=pooling, layers=layers, best=layers[best_i].name, best_metric=best_metric,
-        last=layers[-1].name, best_is_intermediate=best_i != len(layers) - 1, n_train=n_train,
+        last=layers[-1].name, best_is_intermediate=key(best_i)[:-1] > key(len(layers) - 1)[:-1], n_train=n_train,
         n_test=n_test, num_targets=k, chance_accuracy=chance, alphas=alphas, cv_folds=cv_folds,
     )
 
