@@ -239,6 +239,17 @@ def test_vit_model_and_kinds() -> None:
     assert [lp.name for lp in res.layers] == ["blocks.0.mlp.fc1", "blocks.0", "blocks.1.mlp.fc1"]
     assert [lp.num_features for lp in res.layers] == [32, 8, 32]
     assert m.training  # mode restored
+    tok = probe_layers(m, batches(x, y, 16), batches(x, y, 16), sublayers="blocks.1", pooling="tokens")
+    assert tok.n_train == 40 * 4 and tok.n_test == 40 * 4  # 2x2 patch tokens per image
+
+
+def test_rows_of_one_image_share_a_fold() -> None:
+    x = torch.arange(24.0).reshape(12, 2)
+    s = RidgeStats(2, 1, 3)
+    s.update(x[:6], torch.ones(6, 1), rows_per_group=3)  # images 0, 1
+    s.update(x[6:], torch.ones(6, 1), rows_per_group=3)  # images 2, 3
+    assert s.n.tolist() == [6.0, 3.0, 3.0] and s.groups == 4 and s.seen == 12
+    torch.testing.assert_close(s.sx[1], x[3:6].double().sum(0))  # image 1 whole in fold 1
 
 
 # ----------------------------------------------------------------- CLI

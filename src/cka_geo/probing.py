@@ -4,7 +4,8 @@
 (:func:`cka_geo.capture.capture` + :func:`cka_geo.capture.forward_batch`), so all chosen
 sublayers are read in the same forward pass, and accumulates per layer, in float64, the
 sufficient statistics of a least-squares fit — Σx, XᵀX, XᵀY, ΣY, Σ‖y‖² and the count — split
-into ``cv_folds`` folds by sample index (sample ``i`` goes to fold ``i mod cv_folds``). No
+into ``cv_folds`` folds by image index (image ``i`` goes to fold ``i mod cv_folds``, with all
+its rows when ``tokens`` pooling or time-series frames give several rows per image). No
 feature matrix is kept: memory is O(folds · d²) per layer, whatever the number of samples.
 
 The probe of a layer (see docs/probing.md):
@@ -93,6 +94,7 @@ class RidgeStats:
         kw: dict[str, Any] = {"dtype": torch.float64, "device": device}
         self.folds = folds
         self.seen = 0
+        self.groups = 0
         self.n = torch.zeros(f, **kw)
         self.sx = torch.zeros(f, d, **kw)
         self.xx = torch.zeros(f, d, d, **kw)
@@ -112,12 +114,19 @@ class RidgeStats:
             self.xy = torch.nn.functional.pad(self.xy, (0, extra))
             self.sy = torch.nn.functional.pad(self.sy, (0, extra))
 
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Add rows ``x`` (b, d) with targets ``y`` (b, k); assigns rows to folds in stream order."""
+    def update(self, x: torch.Tensor, y: torch.Tensor, rows_per_group: int = 1) -> None:
+        """Add rows ``x`` (b, d) with targets ``y`` (b, k).
+
+        Rows come in groups of ``rows_per_group`` consecutive rows (the tokens or frames of
+        one image); group ``g`` of the whole stream goes to fold ``g mod folds``, so a
+        group never straddles two folds.
+        """
         x = x.to(self.xx.device, torch.float64)
         y = y.to(self.xx.device, torch.float64)
-        fold = (torch.arange(x.shape[0], device=x.device) + self.seen) % self.folds
+        group = torch.arange(x.shape[0], device=x.device) // rows_per_group
+        fold = (group + self.groups) % self.folds
         self.seen += x.shape[0]
+        self.groups += -(-x.shape[0] // rows_per_group)
         for f in range(self.folds):
             sel = fold == f
             if self.folds > 1:
@@ -458,7 +467,7 @@ def probe_layers(
         pooling: Token pooling (``mean``, ``cls``, ``flatten``, ``tokens``); with ``tokens``
             each patch token is a row carrying its image's target.
         alphas: Ridge grid (per sample, on standardised features).
-        cv_folds: Folds for choosing alpha (rows assigned by index modulo ``cv_folds``);
+        cv_folds: Folds for choosing alpha (images assigned by index modulo ``cv_folds``);
             1 disables the search (the smallest alpha is used).
         num_classes: Classes for classification; default 1 + the largest training label.
         time_mode: For time-series input, as :func:`cka_geo.capture.forward_batch`.
@@ -515,7 +524,7 @@ def probe_layers(
                     st.grow(yt.shape[1])
                     if yt.shape[1] < st.num_targets:
                         yt = torch.nn.functional.pad(yt, (0, st.num_targets - yt.shape[1]))
-                    st.update(f, yt)
+                    st.update(f, yt, rows_per_group=rows // x.shape[0])
             if not stats or next(iter(stats.values())).seen == 0:
                 raise DataError("no training samples to fit the probes on")
             k = next(iter(stats.values())).num_targets
