@@ -29,7 +29,12 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every available subcommand."""
-    parser = _Parser(prog="cka-geo", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="cka-geo",
+        description="Where did fine-tuning change my vision transformer? Sublayer-by-sublayer CKA "
+        "between a pretrained and a fine-tuned checkpoint.",
+        epilog="example: cka-geo compare pre.pt ft.pt   (cka-geo COMMAND --help for its options)",
+    )
     parser.add_argument("--version", action="version", version=f"cka-geo {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
