@@ -137,6 +137,22 @@ def full_fp32_matmul() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
+def too_small(n: int, estimator: str) -> bool:
+    """Whether a batch of ``n`` rows is too small for ``estimator``; warns when it is.
+
+    The documented rule for small batches (typically the last one): skip it with a warning,
+    never produce NaN. Callers count the skipped samples.
+    """
+    if n >= min_samples(estimator):
+        return False
+    warnings.warn(
+        f"skipping a batch of {n} samples: the {estimator} estimator needs at least {min_samples(estimator)}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return True
+
+
 def cka_from_sums(cross: np.ndarray, self_a: np.ndarray, self_b: np.ndarray) -> np.ndarray:
     """``cross / sqrt(self_a ⊗ self_b)``, NaN where a self term is 0 (constant layer)."""
     denom = np.sqrt(np.multiply.outer(self_a, self_b))
@@ -460,13 +476,7 @@ class MinibatchCKA:
             raise FeatureError(f"model A has {n} samples in this batch but model B has {n_b}")
         if self.names_a is None:
             self.names_a, self.names_b = names_a, names_b
-        if n < min_samples(self.estimator):
-            warnings.warn(
-                f"skipping a batch of {n} samples: the {self.estimator} estimator needs at least "
-                f"{min_samples(self.estimator)}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        if too_small(n, self.estimator):
             self.samples_skipped += n
             return
         ga = self._prepare(feats_a, names_a, n, "a")

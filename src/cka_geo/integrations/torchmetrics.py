@@ -34,7 +34,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,7 +42,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from cka_geo.accumulator import CKAResult, MinibatchCKA, cka_from_sums
+from cka_geo.accumulator import CKAResult, MinibatchCKA, cka_from_sums, too_small
 from cka_geo.errors import FeatureError, UsageError
 from cka_geo.functional import DEFAULT_RBF_FRAC, Estimator, Kernel, min_samples
 
@@ -176,13 +175,7 @@ class CKAMetric(Metric):
         fb = None if features_b is None else self._as_mapping(features_b, self.names_b, "B")
         first = next(iter(fa.values()))
         n = first.shape[0] if isinstance(first, Tensor) and first.ndim >= 1 else 0
-        if n < min_samples(self.estimator):
-            warnings.warn(
-                f"skipping a batch of {n} samples: the {self.estimator} estimator needs at least "
-                f"{min_samples(self.estimator)}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        if too_small(n, self.estimator):
             self.samples_skipped += n
             return
         ga = self._engine.prepare(fa, "A", keep=False)
