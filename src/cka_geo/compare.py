@@ -155,7 +155,8 @@ def probe_batches(opts: CompareOptions, bands: int, size: int) -> tuple[Iterator
         raise DataError(f"{path}: no such file or folder (--data)")
     if path.is_dir():
         ds = ImageFolder(path, bands=bands)
-        first = ds[0][0] if isinstance(ds[0], tuple) else ds[0]
+        first = ds[0]
+        first = first[0] if isinstance(first, tuple) else first
         if tuple(first.shape[-2:]) != (size, size):
             raise DataError(f"{path}: images are {first.shape[-2]}x{first.shape[-1]}, the model expects {size}x{size}")
         total = len(ds)
@@ -196,10 +197,6 @@ def _progress(total: int, enabled: bool | None) -> Any:
     )
 
 
-def _module(model: torch.nn.Module, path: str) -> torch.nn.Module:
-    return model.get_submodule(path)
-
-
 def run_cka(
     model_pre: torch.nn.Module,
     model_ft: torch.nn.Module,
@@ -218,7 +215,7 @@ def run_cka(
     """
     clock = _Clock(timings, next(model_pre.parameters()).device)
     paths_ft = sublayer_map(model_ft)
-    apply = {n: _module(model_ft, paths_ft[n]) for n in names} if opts.own_change else None
+    apply = {n: model_ft.get_submodule(paths_ft[n]) for n in names} if opts.own_change else None
     acc = MinibatchCKA(kernel=opts.kernel, estimator=opts.estimator, rbf_frac=opts.rbf_frac)
     full_batch = opts.estimator == "biased"
     held_a: list[dict[str, torch.Tensor]] = []
