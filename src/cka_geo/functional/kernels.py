@@ -1,23 +1,16 @@
-"""The functional core: gram matrices, centering, HSIC estimators and CKA.
+"""Gram matrices and their centerings (the kernels of the functional core).
 
 Shapes are written in words: ``x`` is (samples n, features p), a gram is (n, n). Every
 function works on CPU and CUDA tensors alike and returns tensors on the input's device.
 
-Sources (formulas in ``shared/design.md``):
+Sources: linear and RBF grams and the median bandwidth rule, Kornblith, Norouzi, Lee &
+Hinton, "Similarity of Neural Network Representations Revisited", ICML 2019; U-centering,
+Székely & Rizzo, "Partial distance correlation with methods for dissimilarities", Annals of
+Statistics 2014.
 
-* Linear and RBF CKA, biased HSIC ``tr(K H L H) / (n-1)^2``, feature-space linear CKA:
-  Kornblith, Norouzi, Lee & Hinton, "Similarity of Neural Network Representations
-  Revisited", ICML 2019.
-* Unbiased HSIC_1: Song, Smola, Gretton, Bedo & Borgwardt, "Feature Selection via Dependence
-  Maximization", JMLR 2012, eq. (5).
-* U-centering, with ``HSIC_1 = <U(K), U(L)>_F / (n (n-3))``: Székely & Rizzo, "Partial
-  distance correlation with methods for dissimilarities", Annals of Statistics 2014.
-
-Numerics: features are mean-centred before any gram (it changes no CKA value, since the
-linear gram then equals H K H and RBF distances are translation invariant, but it removes the
-catastrophic cancellation of float32 grams for features with a large offset). Centering and
-HSIC sums run in float64. There is no clamping and no epsilon: a CKA of a constant
-representation is NaN, not a made-up number.
+Features are mean-centred before any gram: it changes no CKA value (the linear gram then
+equals H K H; RBF distances are translation invariant) but removes the catastrophic
+cancellation of float32 grams for features with a large offset.
 """
 
 from __future__ import annotations
@@ -36,13 +29,6 @@ ESTIMATORS = ("unbiased", "biased")
 DEFAULT_RBF_FRAC = 0.4
 
 
-def _check_features(x: torch.Tensor, name: str = "x") -> None:
-    if x.ndim != 2:
-        raise FeatureError(f"{name} must have shape (samples, features), got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise FeatureError(f"{name} must be a floating-point tensor, got {x.dtype}")
-
-
 def check_kernel(kernel: str, estimator: str) -> None:
     """Raise UsageError for an unknown kernel or estimator name."""
     if kernel not in KERNELS:
@@ -52,8 +38,13 @@ def check_kernel(kernel: str, estimator: str) -> None:
 
 
 def min_samples(estimator: str) -> int:
-    """Fewest samples an estimator is defined for (unbiased: n >= 4; biased: n >= 2)."""
-    return 4 if estimator == "unbiased" else 2
+    """Fewest samples an estimator is meaningful for: unbiased n >= 4, biased n >= 3.
+
+    HSIC_1 is undefined below 4 rows (its normaliser n (n-3)). The biased estimator is
+    defined at n = 2 but degenerate there: two centred samples span one direction, so every
+    pair of non-constant representations has CKA exactly 1.
+    """
+    return 4 if estimator == "unbiased" else 3
 
 
 def center_features(x: torch.Tensor) -> torch.Tensor:
@@ -183,109 +174,3 @@ def u_center_gram(k: torch.Tensor) -> torch.Tensor:
     k = k - means.unsqueeze(-1) - means.unsqueeze(-2)
     k.diagonal(dim1=-2, dim2=-1).zero_()
     return k
-
-
-def hsic(k: torch.Tensor, l: torch.Tensor, estimator: Estimator = "unbiased") -> torch.Tensor:
-    """HSIC between two grams of the same n samples.
-
-    Args:
-        k: Gram (n, n).
-        l: Gram (n, n).
-        estimator: ``"biased"``: ``tr(K H L H) / (n−1)²`` (Gretton et al. 2005);
-            ``"unbiased"``: HSIC_1 of Song et al. (2012), needs n >= 4.
-
-    Returns:
-        A float64 scalar tensor.
-    """
-    check_kernel("linear", estimator)
-    n = k.shape[-1]
-    if estimator == "unbiased":
-        return (u_center_gram(k) * u_center_gram(l)).sum((-2, -1)) / (n * (n - 3))
-    if n < 2:
-        raise FeatureError(f"biased HSIC needs at least 2 samples, got {n}")
-    return (center_gram(k) * center_gram(l)).sum((-2, -1)) / (n - 1) ** 2
-
-
-def cka_from_grams(k: torch.Tensor, l: torch.Tensor, estimator: Estimator = "unbiased") -> torch.Tensor:
-    """``CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))``; NaN when either self term is 0."""
-    kk, ll, kl = hsic(k, k, estimator), hsic(l, l, estimator), hsic(k, l, estimator)
-    return kl / (kk * ll).sqrt()
-
-
-def gram(
-    x: torch.Tensor, kernel: Kernel = "linear", frac: float = DEFAULT_RBF_FRAC
-) -> torch.Tensor:
-    """The gram of features (n, p) under ``kernel`` (RBF bandwidth by the median rule)."""
-    _check_features(x)
-    check_kernel(kernel, "unbiased")
-    return gram_linear(x) if kernel == "linear" else gram_rbf(x, frac)[0]
-
-
-def cka(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    kernel: Kernel = "linear",
-    estimator: Estimator = "unbiased",
-    frac: float = DEFAULT_RBF_FRAC,
-) -> torch.Tensor:
-    """Full-batch CKA between two representations of the same n samples.
-
-    Args:
-        x: Features (n, p1).
-        y: Features (n, p2), rows matching x's.
-        kernel: ``"linear"`` or ``"rbf"``.
-        estimator: ``"unbiased"`` (HSIC_1, debiased CKA) or ``"biased"``.
-        frac: RBF bandwidth fraction (sigma = frac * median pairwise distance).
-
-    Returns:
-        A float64 scalar tensor.
-
-    Example:
-        >>> x = torch.randn(50, 8, dtype=torch.float64)
-        >>> q, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
-        >>> round(cka(x, 3 * x @ q + 1).item(), 12)
-        1.0
-    """
-    _check_features(x, "x")
-    _check_features(y, "y")
-    if x.shape[0] != y.shape[0]:
-        raise FeatureError(f"x and y must have the same number of samples, got {x.shape[0]} and {y.shape[0]}")
-    check_kernel(kernel, estimator)
-    need = min_samples(estimator)
-    if x.shape[0] < need:
-        raise FeatureError(f"the {estimator} estimator needs at least {need} samples, got {x.shape[0]}")
-    return cka_from_grams(gram(x, kernel, frac), gram(y, kernel, frac), estimator)
-
-
-def linear_cka_feature_space(x: torch.Tensor, y: torch.Tensor, estimator: Estimator = "biased") -> torch.Tensor:
-    """Linear CKA from (p × p) cross-covariances, never forming an n × n gram.
-
-    Biased: ``‖Y_cᵀ X_c‖²_F / (‖X_cᵀ X_c‖_F ‖Y_cᵀ Y_c‖_F)`` (Kornblith et al. 2019, eq. 5).
-    Unbiased: Song et al.'s HSIC_1 written in feature space. With centred features (so that
-    K̃1 = −a, a_i = ‖x_i‖²) it reduces to, up to the common factor 1/(n(n−3)),
-    ``‖Y_cᵀX_c‖²_F − n/(n−2) Σ_i a_i b_i + (Σa)(Σb) / ((n−1)(n−2))``.
-    An independent formulation of the gram route, used to check it.
-
-    Args:
-        x: Features (n, p1).
-        y: Features (n, p2).
-        estimator: ``"biased"`` or ``"unbiased"``.
-
-    Returns:
-        A float64 scalar tensor.
-    """
-    _check_features(x, "x")
-    _check_features(y, "y")
-    check_kernel("linear", estimator)
-    xc = center_features(x.to(torch.float64))
-    yc = center_features(y.to(torch.float64))
-    n = xc.shape[0]
-
-    def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        cross = (v.T @ u).square().sum()
-        if estimator == "biased":
-            return cross
-        a, b = u.square().sum(1), v.square().sum(1)
-        return cross - n / (n - 2) * (a @ b) + a.sum() * b.sum() / ((n - 1) * (n - 2))
-
-    return dot(xc, yc) / (dot(xc, xc) * dot(yc, yc)).sqrt()
