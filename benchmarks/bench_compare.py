@@ -25,9 +25,9 @@ import time
 
 import torch
 
-from cka_geo.capture import resolve_sublayers
 from cka_geo.compare import CompareOptions, run_cka
 from cka_geo.data import iter_probe_batches
+from cka_geo.features import resolve_sublayers
 from cka_geo.vit import VisionTransformer, ViTConfig
 
 

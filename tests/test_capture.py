@@ -13,14 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from cka_geo.capture import (
+from cka_geo.errors import DataError, FeatureError, UsageError
+from cka_geo.features import (
     capture,
     forward_batch,
     pool_tokens,
     resolve_sublayers,
     sublayer_map,
 )
-from cka_geo.errors import DataError, FeatureError, UsageError
 from cka_geo.vit import Block, VisionTransformer, ViTConfig
 
 BANDS, IMG, PATCH, WIDTH, DEPTH = 13, 16, 4, 32, 3

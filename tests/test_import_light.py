@@ -9,7 +9,7 @@ import textwrap
 
 HEAVY = ("torchmetrics", "lightning", "pytorch_lightning", "lightning_fabric", "matplotlib", "seaborn",
          "tifffile", "PIL")
-MODULES = ("cka_geo", "cka_geo.capture", "cka_geo.accumulator", "cka_geo.checkpoints", "cka_geo.monitor",
+MODULES = ("cka_geo", "cka_geo.features", "cka_geo.accumulator", "cka_geo.checkpoints", "cka_geo.monitor",
            "cka_geo.integrations")
 
 _SCRIPT = textwrap.dedent(

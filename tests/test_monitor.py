@@ -12,9 +12,9 @@ from torch import nn
 
 from _train_helpers import cls_tiles, tiny_vit
 from cka_geo.accumulator import MinibatchCKA
-from cka_geo.capture import capture, forward_batch
 from cka_geo.checkpoints import save_checkpoint
 from cka_geo.errors import DataError, UsageError
+from cka_geo.features import capture, forward_batch
 from cka_geo.monitor import CKAMonitor, CKATrajectory, observing, plot_trajectory
 from cka_geo.train import TrainConfig, fit
 from cka_geo.train.tasks import TaskModel

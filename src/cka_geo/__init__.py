@@ -25,9 +25,9 @@ _LAZY = {
     "CKAResult": "cka_geo.accumulator",
     "cka_matrix": "cka_geo.accumulator",
     # models, checkpoints, capture, the main job
-    "capture": "cka_geo.capture",
-    "forward_batch": "cka_geo.capture",
-    "resolve_sublayers": "cka_geo.capture",
+    "capture": "cka_geo.features",
+    "forward_batch": "cka_geo.features",
+    "resolve_sublayers": "cka_geo.features",
     "load_checkpoint": "cka_geo.checkpoints",
     "build_model": "cka_geo.checkpoints",
     "save_checkpoint": "cka_geo.checkpoints",
@@ -48,7 +48,9 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'cka_geo' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # resolved once; later lookups never reach here
+    return value
 
 
 def __dir__() -> list[str]:

@@ -2,7 +2,7 @@
 
 Flow: load both files safely and check they share one architecture
 (:mod:`cka_geo.checkpoints`), build the two encoders, run the same probe images through both
-in the same order (:mod:`cka_geo.capture`, one pass per model and batch) and accumulate CKA
+in the same order (:mod:`cka_geo.features`, one pass per model and batch) and accumulate CKA
 for every pair of sublayers (:class:`cka_geo.accumulator.MinibatchCKA`).
 
 Two views are reported:
@@ -21,10 +21,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import itertools
 import math
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,18 +38,35 @@ import torch
 from cka_geo import __version__
 from cka_geo.accumulator import CKAResult, MinibatchCKA
 from cka_geo.bootstrap import bootstrap_ratio
-from cka_geo.capture import capture, forward_batch, resolve_sublayers, sublayer_map
+from cka_geo.budget import CKAWorkload, batches_for, check_fits
 from cka_geo.checkpoints import LoadedCheckpoint, build_model, check_pair, load_checkpoint
 from cka_geo.errors import DataError, UsageError
+from cka_geo.features import capture, forward_batch, resolve_sublayers, sublayer_map
 from cka_geo.functional import DEFAULT_RBF_FRAC, check_kernel, min_samples
+from cka_geo.functional.precision import (
+    CONSTANT_TOL,
+    CONSTANT_TOL_FLOAT64,
+    NOISE_TOL,
+    NOISE_TOL_FLOAT64,
+)
 
 SCHEMA = "cka-geo/compare/v1"
 SUBLAYER_KINDS = ("attn", "fc1", "act", "fc2", "block")
 DEFAULT_SUBLAYERS = ("attn", "fc1", "fc2", "block")
 POOLINGS = ("mean", "cls", "flatten", "tokens")
 DEFAULT_SAMPLES = 512
-#: Same-layer CKA above ``1 - UNCHANGED_TOL`` counts as unchanged.
+#: The numerical noise of CKA: the engine's stated accuracy against a float64 reference
+#: (float32 grams). A CKA above ``1 - UNCHANGED_TOL`` counts as unchanged, and no verdict
+#: ("most changed", "first to move", "largest own change") is drawn from a smaller change.
 UNCHANGED_TOL = 1e-6
+#: The RBF bandwidth fractions accepted: sigma = frac * median pairwise distance. Below 0.1
+#: the gram of high-dimensional features is numerically the identity; above 10 its
+#: structure is below float32 resolution (Kornblith et al. use 0.2-0.8).
+RBF_FRAC_RANGE = (0.1, 10.0)
+#: Most bootstrap replicates (beyond this the percentile interval does not move).
+MAX_BOOTSTRAP = 100_000
+#: Fewest batches for which a bootstrap interval over batches is worth its name.
+MIN_INTERVAL_BATCHES = 10
 _OWN = "{}#own"
 
 
@@ -90,7 +109,7 @@ class CompareOptions:
     estimator: str = "unbiased"
     pooling: str = "mean"
     samples: int | None = None
-    batch_size: int = 64
+    batch_size: int = 32
     device: str = "auto"
     seed: int = 0
     time_mode: str = "frames"
@@ -114,12 +133,18 @@ class CompareOptions:
             raise UsageError(f"--samples must be at least {min_samples(self.estimator)}, got {self.samples}")
         if self.batch_size < min_samples(self.estimator):
             raise UsageError(f"--batch-size must be at least {min_samples(self.estimator)}, got {self.batch_size}")
-        if self.kernel == "rbf" and not self.rbf_frac > 0:
-            raise UsageError(f"--rbf-frac must be positive, got {self.rbf_frac}")
+        lo, hi = RBF_FRAC_RANGE
+        if self.kernel == "rbf" and not lo <= self.rbf_frac <= hi:
+            raise UsageError(
+                f"--rbf-frac must be in [{lo:g}, {hi:g}] (sigma as a fraction of the median pairwise "
+                f"distance; 0.2-0.8 are usual), got {self.rbf_frac:g}"
+            )
         if not 0 < self.confidence < 1:
             raise UsageError(f"--confidence must be in (0, 1), got {self.confidence}")
-        if self.bootstrap < 0:
-            raise UsageError(f"--bootstrap must be >= 0, got {self.bootstrap}")
+        if not 0 <= self.bootstrap <= MAX_BOOTSTRAP:
+            raise UsageError(f"--bootstrap must be in [0, {MAX_BOOTSTRAP}], got {self.bootstrap}")
+        if not 0 <= self.seed < 2**32:
+            raise UsageError(f"--seed must be in [0, 2**32 - 1], got {self.seed}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -247,6 +272,49 @@ def run_cka(
         return acc.compute()
 
 
+def check_memory(
+    model: torch.nn.Module,
+    names: list[str],
+    batches: Iterator[torch.Tensor],
+    opts: CompareOptions,
+    total: int,
+    device: torch.device,
+) -> Iterator[torch.Tensor]:
+    """Refuse, before the run, sizes whose grams, terms or bootstrap memory cannot hold.
+
+    One image of the first batch goes through the pretrained model to learn the feature
+    widths and rows per image (tokens, frames); the batches are returned unconsumed.
+
+    Raises:
+        UsageError: Naming the options that set the size.
+    """
+    first = next(batches, None)
+    if first is None:
+        return iter(())
+    with capture(model, names, pooling=opts.pooling) as cap:
+        feats = forward_batch(model, first[:1], cap, time_mode=opts.time_mode).features
+    per_image = next(iter(feats.values())).shape[0]
+    width = sum(f.shape[1] for f in feats.values()) * (3 if opts.own_change else 2)
+    full = opts.estimator == "biased"
+    rows = per_image * (total if full else min(opts.batch_size, total))
+    work = CKAWorkload(
+        rows=rows,
+        width=width,
+        layers_a=len(names),
+        layers_b=len(names) * (2 if opts.own_change else 1),
+        batches=1 if full else batches_for(total, opts.batch_size),
+        bootstrap=opts.bootstrap,
+        held_rows=rows if full else 0,
+    )
+    what = f"--samples {total} with --batch-size {opts.batch_size} and --bootstrap {opts.bootstrap}"
+    if full:
+        what = f"--estimator biased (one batch of every sample) with --samples {total}"
+    if per_image > 1:
+        what += f" ({per_image} rows per image: --pooling {opts.pooling} / --time-mode {opts.time_mode})"
+    check_fits(work, device, what)
+    return itertools.chain([first], batches)
+
+
 class _Clock:
     """Adds wall seconds per key to a dict; does nothing (and never syncs) without one."""
 
@@ -265,6 +333,24 @@ class _Clock:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
+
+
+DEGENERATE_RULE = (
+    f"a batch of a layer counts as 0 when ||X - mean||_F <= {CONSTANT_TOL:g} ||X||_F (float32; "
+    f"{CONSTANT_TOL_FLOAT64:g} for float64) or its self-HSIC <= {NOISE_TOL:g} ||K||_F^2 / n(n-3) "
+    f"(float32 grams; {NOISE_TOL_FLOAT64:g} for float64); a layer with no other batch has CKA NaN"
+)
+
+
+def _degenerate_record(result: CKAResult, names: list[str], own: bool) -> dict[str, dict[str, int]]:
+    """Batches in which each sublayer counted as 0 (only the nonzero counts)."""
+    if result.degenerate_a is None or result.degenerate_b is None:
+        return {}
+    L = len(names)
+    views = {"pre": result.degenerate_a[:L], "ft": result.degenerate_b[:L]}
+    if own:
+        views["own"] = result.degenerate_b[L : 2 * L]
+    return {k: {n: int(c) for n, c in zip(names, v, strict=True) if c} for k, v in views.items()}
 
 
 def _num(x: float) -> float | None:
@@ -322,40 +408,64 @@ def _versions() -> dict[str, str]:
     }
 
 
-def summarize(layers: list[str], diagonal: dict[str, float | None], own: dict[str, float | None] | None, identical: bool) -> dict[str, Any]:
-    """Which sublayer changed most, the first that moved, and a one-line verdict."""
+def summarize(
+    layers: list[str], diagonal: dict[str, float | None], own: dict[str, float | None] | None, identical: bool
+) -> dict[str, Any]:
+    """Which sublayer changed most, the first that moved, and a one-line verdict.
 
-    def lowest(values: dict[str, float | None]) -> tuple[str | None, float | None]:
-        finite = {k: v for k, v in values.items() if v is not None}
-        if not finite:
+    A verdict is drawn only from defined values (NaN, stored as None, is never ranked) and
+    only from changes beyond the numerical noise (``1 - CKA > UNCHANGED_TOL``); the verdict
+    says which sublayers were undefined.
+    """
+
+    def changed(values: dict[str, float | None]) -> dict[str, float]:
+        return {k: v for k, v in values.items() if v is not None and 1 - v > UNCHANGED_TOL}
+
+    def lowest(values: dict[str, float]) -> tuple[str | None, float | None]:
+        if not values:
             return None, None
-        k = min(finite, key=lambda n: finite[n])
-        return k, finite[k]
+        k = min(values, key=lambda n: values[n])
+        return k, values[k]
 
-    most, most_v = lowest(diagonal)
-    first = next((n for n in layers if diagonal.get(n) is not None and diagonal[n] < 1 - UNCHANGED_TOL), None)
+    moved = changed(diagonal)
+    most, most_v = lowest(moved)
+    first = next((n for n in layers if n in moved), None)
+    undefined = [n for n in layers if diagonal.get(n) is None]
     out: dict[str, Any] = {
         "identical": identical,
         "changed": first is not None,
         "most_changed": most,
         "most_changed_cka": most_v,
         "first_changed": first,
+        "undefined": undefined,
+        "noise_level": UNCHANGED_TOL,
     }
+    own_name = own_value = None
     if own is not None:
         # the block output's own change contains its sublayers'; rank sublayers proper
-        subs = {k: v for k, v in own.items() if _kind(k) != "block"}
-        name, value = lowest(subs)
-        out["largest_own_change"] = name
-        out["largest_own_change_cka"] = value
+        own_name, own_value = lowest(changed({k: v for k, v in own.items() if _kind(k) != "block"}))
+        out["largest_own_change"] = own_name
+        out["largest_own_change_cka"] = own_value
     if identical:
-        out["verdict"] = "the two encoders are identical (a frozen-backbone fine-tune?): CKA is trivially 1, nothing changed"
+        text = "the two encoders are identical (a frozen-backbone fine-tune?): CKA is trivially 1, nothing changed"
+    elif len(undefined) == len(layers):
+        text = (
+            "CKA is undefined (NaN) at every sublayer: the probe images give a constant representation "
+            "(identical or blank images?); nothing can be said"
+        )
     elif first is None:
-        out["verdict"] = "no sublayer's representation changed (CKA = 1 within 1e-6 everywhere)"
+        text = f"no sublayer's representation changed beyond the numerical noise (1 - CKA <= {UNCHANGED_TOL:g} everywhere)"
     else:
         text = f"most changed: {most} (CKA {most_v:.4f}); first to move: {first}"
-        if own is not None and out.get("largest_own_change"):
-            text += f"; largest own change: {out['largest_own_change']} (CKA {out['largest_own_change_cka']:.4f})"
-        out["verdict"] = text
+        if own is not None:
+            text += (
+                f"; largest own change: {own_name} (CKA {own_value:.4f})" if own_name
+                else "; no sublayer's own change exceeds the numerical noise"
+            )
+    if undefined and len(undefined) < len(layers) and not identical:
+        shown = ", ".join(undefined[:3]) + (f" and {len(undefined) - 3} more" if len(undefined) > 3 else "")
+        text += f"; undefined (constant representation, left out): {shown}"
+    out["verdict"] = text
     return out
 
 
@@ -393,6 +503,7 @@ def compare_checkpoints(pre: str | Path, ft: str | Path, options: CompareOptions
         names = resolve_sublayers(model_pre, kinds=tuple(opts.sublayers))
     bands, size = _model_geometry(a)
     batches, n, data_desc = probe_batches(opts, bands, size)
+    batches = check_memory(model_pre, names, batches, opts, n, device)
     result = run_cka(model_pre, model_ft, names, batches, opts, n)
     return build_results(result, names, opts, a, b, pair, data_desc, device)
 
@@ -428,6 +539,13 @@ def build_results(
         )
         return {n: [_num(lo[i]), _num(hi[i])] for i, n in enumerate(names)}
 
+    if boot and len(result.batch_sizes) < MIN_INTERVAL_BATCHES:
+        warnings.warn(
+            f"only {len(result.batch_sizes)} batches feed the bootstrap intervals (fewer than "
+            f"{MIN_INTERVAL_BATCHES}): they are coarse and too narrow; use more --samples or a smaller --batch-size",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     iv = intervals(list(range(L)))
     if opts.own_change:
         own = {n: _num(result.matrix[i, L + i]) for i, n in enumerate(names)}
@@ -455,6 +573,8 @@ def build_results(
         "bootstrap": opts.bootstrap if boot else 0,
         "confidence": opts.confidence,
         "interval_method": "percentile bootstrap over batches" if boot else None,
+        "noise_level": UNCHANGED_TOL,
+        "degenerate_rule": DEGENERATE_RULE,
     }
     rbf = None
     if result.sigma_a is not None:
@@ -477,6 +597,7 @@ def build_results(
         "summary": summarize(names, diag, own, pair.identical),
         "settings": settings,
         "rbf": rbf,
+        "degenerate_batches": _degenerate_record(result, names, opts.own_change),
         "model": {"family": a.family, "config": dataclasses.asdict(a.config)},
         "checkpoints": {"pre": _checkpoint_record(a), "ft": _checkpoint_record(b)},
         "versions": _versions(),

@@ -49,8 +49,8 @@ import torch
 from torch import nn
 
 from cka_geo.accumulator import BatchGrams, MinibatchCKA
-from cka_geo.capture import capture, forward_batch, resolve_sublayers
 from cka_geo.errors import CkaGeoError, DataError, UsageError
+from cka_geo.features import capture, forward_batch, resolve_sublayers
 from cka_geo.functional import DEFAULT_RBF_FRAC, Estimator, Kernel, check_kernel, min_samples
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ class CKAMonitor:
             :func:`cka_geo.data.probe_images`. The same images, in the same batches, at
             every measurement.
         sublayers: Canonical sublayer names; None selects by ``kinds`` / ``blocks`` (see
-            :func:`cka_geo.capture.resolve_sublayers`; default attn, fc1, fc2, block of
+            :func:`cka_geo.features.resolve_sublayers`; default attn, fc1, fc2, block of
             every block). Resolved on the reference.
         kinds: Sublayer kinds, when ``sublayers`` is None.
         blocks: Block indices, when ``sublayers`` is None.

@@ -1,7 +1,7 @@
 """Layerwise linear probing: one closed-form ridge probe per sublayer, memory flat in samples.
 
 :func:`probe_layers` runs every training batch once through the model with the capture path
-(:func:`cka_geo.capture.capture` + :func:`cka_geo.capture.forward_batch`), so all chosen
+(:func:`cka_geo.features.capture` + :func:`cka_geo.features.forward_batch`), so all chosen
 sublayers are read in the same forward pass, and accumulates per layer, in float64, the
 sufficient statistics of a least-squares fit — Σx, XᵀX, XᵀY, ΣY, Σ‖y‖² and the count — split
 into ``cv_folds`` folds by image index (image ``i`` goes to fold ``i mod cv_folds``, with all
@@ -56,7 +56,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cka_geo.capture import (
+from cka_geo.errors import DataError, FeatureError, UsageError
+from cka_geo.features import (
     KINDS,
     _parse_canonical,
     capture,
@@ -64,7 +65,6 @@ from cka_geo.capture import (
     resolve_sublayers,
     sublayer_map,
 )
-from cka_geo.errors import DataError, FeatureError, UsageError
 
 TASKS: tuple[str, ...] = ("classification", "regression")
 
@@ -470,7 +470,7 @@ def probe_layers(
         cv_folds: Folds for choosing alpha (images assigned by index modulo ``cv_folds``);
             1 disables the search (the smallest alpha is used).
         num_classes: Classes for classification; default 1 + the largest training label.
-        time_mode: For time-series input, as :func:`cka_geo.capture.forward_batch`.
+        time_mode: For time-series input, as :func:`cka_geo.features.forward_batch`.
 
     Returns:
         A :class:`ProbeResult`.

@@ -1,0 +1,664 @@
+"""Sublayer capture: the project's one path from a forward pass to pooled features.
+
+Hooks are put on canonical sublayers (per block ``i``: ``blocks.{i}.attn``,
+``blocks.{i}.mlp.fc1``, ``blocks.{i}.mlp.act``, ``blocks.{i}.mlp.fc2``, ``blocks.{i}``),
+each output is normalised to (batch, tokens, width), pooled on the model's device, and handed
+back per forward pass as ``{name: (rows, features)}`` in the caller's order.
+
+A model says where each canonical name lives with ``model.canonical_sublayers()``
+(``{canonical name: module path}``); a model without that method is read as timm-named
+(``blocks.{i}.attn``, ``blocks.{i}.mlp.fc1`` ...), so a timm ViT works as it is.
+
+Token pooling (``pooling=``), for a sublayer output (B, T, D) with P prefix tokens
+(class / register tokens) and T_p = T - P patch tokens:
+
+* ``"mean"``: mean over the patch tokens -> (B, D). The default.
+* ``"cls"``: the class token (token 0) -> (B, D); refused for a model without one.
+* ``"flatten"``: all T tokens, prefix included, concatenated -> (B, T·D).
+* ``"tokens"``: each patch token an example -> (B·T_p, D), sample-major: row ``b·T_p + t``
+  is token ``t`` of sample ``b``.
+
+Features come back detached, float32, contiguous, on the model's device (the CKA engine runs
+there; nothing here synchronises with the device or checks for NaN/Inf — the engine does).
+
+Example:
+    >>> import torch
+    >>> from cka_geo.vit import ViTConfig, VisionTransformer
+    >>> from cka_geo.features import capture, resolve_sublayers
+    >>> model = VisionTransformer(ViTConfig(img_size=16, patch_size=4, in_chans=13,
+    ...                                     embed_dim=32, depth=2, num_heads=2)).eval()
+    >>> names = resolve_sublayers(model, kinds=("fc1", "block"))
+    >>> names
+    ['blocks.0.mlp.fc1', 'blocks.0', 'blocks.1.mlp.fc1', 'blocks.1']
+    >>> with capture(model, names) as cap:
+    ...     _ = model(torch.randn(4, 13, 16, 16))
+    ...     feats = cap.pop()
+    >>> {k: tuple(v.shape) for k, v in feats.items()}
+    {'blocks.0.mlp.fc1': (4, 128), 'blocks.0': (4, 32), 'blocks.1.mlp.fc1': (4, 128), 'blocks.1': (4, 32)}
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from cka_geo.errors import DataError, FeatureError, UsageError
+
+KINDS: tuple[str, ...] = ("attn", "fc1", "act", "fc2", "block")
+"""Every sublayer kind, in the order used within a block."""
+
+DEFAULT_KINDS: tuple[str, ...] = ("attn", "fc1", "fc2", "block")
+"""Kinds selected when neither names, kinds nor a pattern are given."""
+
+POOLINGS: tuple[str, ...] = ("mean", "cls", "flatten", "tokens")
+TIME_MODES: tuple[str, ...] = ("frames", "mean")
+
+# canonical suffix after "blocks.{i}" -> kind
+_SUFFIX_KIND = {"attn": "attn", "mlp.fc1": "fc1", "mlp.act": "act", "mlp.fc2": "fc2", "": "block"}
+_KIND_SUFFIX = {kind: suffix for suffix, kind in _SUFFIX_KIND.items()}
+_CANONICAL_RE = re.compile(r"blocks\.(\d+)(?:\.(attn|mlp\.fc1|mlp\.act|mlp\.fc2))?")
+_TIMM_BLOCK_RE = re.compile(r"(?:(.+)\.)?blocks\.(\d+)")
+
+# While a Capture hook runs an ``apply`` callable, every Capture hook in this thread stands
+# aside: the callable may be the model's own module (whose submodules are hooked too), or a
+# module of another model captured at the same time.
+_APPLYING = threading.local()
+
+
+def _applying() -> bool:
+    return getattr(_APPLYING, "depth", 0) > 0
+
+
+def _parse_canonical(name: str) -> tuple[int, str] | None:
+    """``"blocks.3.mlp.fc1"`` -> ``(3, "fc1")``; None for a name outside the scheme."""
+    m = _CANONICAL_RE.fullmatch(name)
+    if m is None:
+        return None
+    return int(m.group(1)), _SUFFIX_KIND[m.group(2) or ""]
+
+
+def _timm_sublayers(model: nn.Module) -> dict[str, str]:
+    """Canonical name -> module path for a timm-named model (``[prefix.]blocks.{i}...``)."""
+    modules = dict(model.named_modules())
+    by_prefix: dict[str, list[int]] = {}
+    for path in modules:
+        m = _TIMM_BLOCK_RE.fullmatch(path)
+        if m is not None:
+            by_prefix.setdefault(m.group(1) or "", []).append(int(m.group(2)))
+    if not by_prefix:
+        raise UsageError(
+            f"{type(model).__name__} has no canonical_sublayers() method and no timm-style "
+            "'blocks.{i}' modules; implement canonical_sublayers() -> {canonical name: module path}"
+        )
+    if len(by_prefix) > 1:
+        if "" not in by_prefix:
+            found = sorted(f"{p}.blocks" for p in by_prefix)
+            raise UsageError(
+                f"{type(model).__name__}: several block stacks {found}; implement "
+                "canonical_sublayers() to say which one is the encoder"
+            )
+        by_prefix = {"": by_prefix[""]}
+    (prefix, indices), = by_prefix.items()
+    base = f"{prefix}." if prefix else ""
+    mapping: dict[str, str] = {}
+    for i in sorted(indices):
+        for suffix in ("attn", "mlp.fc1", "mlp.act", "mlp.fc2", ""):
+            path = f"{base}blocks.{i}" + (f".{suffix}" if suffix else "")
+            if path in modules:
+                mapping[f"blocks.{i}" + (f".{suffix}" if suffix else "")] = path
+    return mapping
+
+
+def sublayer_map(model: nn.Module) -> dict[str, str]:
+    """Canonical sublayer name -> module path in ``model``, in canonical order.
+
+    Uses ``model.canonical_sublayers()`` where the model has it, else timm's paths. Every
+    path is checked to exist.
+
+    Args:
+        model: The model.
+
+    Returns:
+        ``{canonical name: module path}``, block by block, then attn, fc1, act, fc2, block
+        (names outside the canonical scheme last, in the model's order).
+
+    Raises:
+        UsageError: The model maps a name to a missing module, or has no block stack.
+
+    Example:
+        >>> from cka_geo.vit import ViTConfig, VisionTransformer
+        >>> m = VisionTransformer(ViTConfig(img_size=8, patch_size=4, embed_dim=8, depth=1, num_heads=1))
+        >>> list(sublayer_map(m))
+        ['blocks.0.attn', 'blocks.0.mlp.fc1', 'blocks.0.mlp.act', 'blocks.0.mlp.fc2', 'blocks.0']
+    """
+    method = getattr(model, "canonical_sublayers", None)
+    mapping = dict(method()) if callable(method) else _timm_sublayers(model)
+    for name, path in mapping.items():
+        try:
+            model.get_submodule(path)
+        except AttributeError:
+            raise UsageError(
+                f"{type(model).__name__}.canonical_sublayers() maps {name!r} to {path!r}, "
+                "which is not a module of the model"
+            ) from None
+    order = list(mapping)
+
+    def key(name: str) -> tuple[int, int, int]:
+        parsed = _parse_canonical(name)
+        if parsed is None:
+            return (1, 0, order.index(name))
+        return (0, parsed[0], KINDS.index(parsed[1]))
+
+    return {name: mapping[name] for name in sorted(mapping, key=key)}
+
+
+def _close(word: str, candidates: Iterable[str]) -> str:
+    matches = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(repr(m) for m in matches)}?" if matches else ""
+
+
+def resolve_sublayers(
+    model: nn.Module,
+    names: str | Sequence[str] | None = None,
+    *,
+    kinds: Sequence[str] | None = None,
+    blocks: Iterable[int] | None = None,
+    pattern: str | None = None,
+) -> list[str]:
+    """Choose canonical sublayers of ``model`` by name, or by kind, block and pattern.
+
+    Args:
+        model: The model (see :func:`sublayer_map` for how its sublayers are found).
+        names: Explicit canonical names (a module path of the model is accepted too and
+            translated). Their order is kept. Excludes ``kinds``, ``blocks`` and
+            ``pattern``.
+        kinds: Subset of ``attn``, ``fc1``, ``act``, ``fc2``, ``block``. Default:
+            :data:`DEFAULT_KINDS` (no ``act``) without a pattern, every kind with one.
+        blocks: Block indices (negative counts from the end); default all.
+        pattern: Regular expression searched (``re.search``) in each canonical name, e.g.
+            ``r"mlp\\.fc1$"`` or ``r"^blocks\\.(0|11)$"``; applied after kinds and blocks.
+
+    Returns:
+        Canonical names: the caller's order for ``names``, else block by block, then attn,
+        fc1, act, fc2, block.
+
+    Raises:
+        UsageError: An unknown name (the message lists close matches), kind or block index,
+            a bad pattern, a duplicate, or an empty selection.
+
+    Example:
+        >>> from cka_geo.vit import ViTConfig, VisionTransformer
+        >>> m = VisionTransformer(ViTConfig(img_size=8, patch_size=4, embed_dim=8, depth=3, num_heads=1))
+        >>> resolve_sublayers(m, blocks=[-1])
+        ['blocks.2.attn', 'blocks.2.mlp.fc1', 'blocks.2.mlp.fc2', 'blocks.2']
+        >>> resolve_sublayers(m, pattern=r"fc1$", blocks=[0, 1])
+        ['blocks.0.mlp.fc1', 'blocks.1.mlp.fc1']
+        >>> resolve_sublayers(m, ["blocks.2", "blocks.0.attn"])
+        ['blocks.2', 'blocks.0.attn']
+    """
+    mapping = sublayer_map(model)
+    if names is not None:
+        if kinds is not None or blocks is not None or pattern is not None:
+            raise UsageError("give sublayer names, or kinds/blocks/pattern, not both")
+        if isinstance(names, str):
+            names = [names]
+        by_path = {path: name for name, path in mapping.items()}
+        out: list[str] = []
+        for name in names:
+            if not isinstance(name, str):
+                raise UsageError(f"sublayer names must be strings, got {name!r}")
+            canonical = name if name in mapping else by_path.get(name)
+            if canonical is None:
+                raise UsageError(
+                    f"unknown sublayer {name!r} in {type(model).__name__}"
+                    + (_close(name, [*mapping, *by_path]) or f" (known: {', '.join(list(mapping)[:5])}, ...)")
+                )
+            if canonical in out:
+                raise UsageError(f"sublayer {canonical!r} given twice")
+            out.append(canonical)
+        if not out:
+            raise UsageError("no sublayer names given")
+        return out
+
+    if kinds is None:
+        kinds = KINDS if pattern is not None else DEFAULT_KINDS
+    if isinstance(kinds, str):
+        kinds = [kinds]
+    for kind in kinds:
+        if kind not in KINDS:
+            raise UsageError(f"unknown sublayer kind {kind!r} (kinds: {', '.join(KINDS)}){_close(kind, KINDS)}")
+    parsed = {name: _parse_canonical(name) for name in mapping}
+    present = {p[1] for p in parsed.values() if p is not None}
+    missing = [k for k in kinds if k not in present]
+    if missing:
+        raise UsageError(f"{type(model).__name__} has no {'/'.join(missing)} sublayers")
+    depth = 1 + max((p[0] for p in parsed.values() if p is not None), default=-1)
+    wanted_blocks: set[int] | None = None
+    if blocks is not None:
+        wanted_blocks = set()
+        for b in blocks:
+            if isinstance(b, bool) or not isinstance(b, int) or not -depth <= b < depth:
+                raise UsageError(f"block index {b!r} out of range for a {depth}-block model")
+            wanted_blocks.add(b % depth)
+    regex = None
+    if pattern is not None:
+        try:
+            regex = re.compile(pattern)
+        except re.error as exc:
+            raise UsageError(f"bad sublayer pattern {pattern!r}: {exc}") from None
+    out = []
+    for name, p in parsed.items():
+        if p is None or p[1] not in kinds:
+            continue
+        if wanted_blocks is not None and p[0] not in wanted_blocks:
+            continue
+        if regex is not None and not regex.search(name):
+            continue
+        out.append(name)
+    if not out:
+        raise UsageError(
+            f"no sublayer matches kinds={list(kinds)}, blocks={sorted(wanted_blocks) if wanted_blocks is not None else 'all'}, "
+            f"pattern={pattern!r}"
+        )
+    return out
+
+
+def _as_tokens(out: Any, name: str, batch_first: bool) -> torch.Tensor:
+    """Normalise a sublayer output to a detached (B, T, D) tensor."""
+    if isinstance(out, (tuple, list)):
+        if not out:
+            raise FeatureError(f"sublayer {name!r} returned an empty {type(out).__name__}")
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise FeatureError(f"sublayer {name!r} returned {type(out).__name__}, not a tensor")
+    if out.ndim != 3:
+        raise FeatureError(
+            f"sublayer {name!r} output has shape {tuple(out.shape)}; expected (batch, tokens, width)"
+        )
+    out = out.detach()
+    return out if batch_first else out.transpose(0, 1)
+
+
+def pool_tokens(x: torch.Tensor, pooling: str, num_prefix_tokens: int) -> torch.Tensor:
+    """Pool (B, T, D) tokens to examples × features, float32, contiguous, same device.
+
+    Args:
+        x: Tokens (B, T, D), prefix tokens first.
+        pooling: ``mean``, ``cls``, ``flatten`` or ``tokens`` (see the module docstring).
+        num_prefix_tokens: Leading non-patch tokens P.
+
+    Returns:
+        (B, D), (B, D), (B, T·D) or (B·(T−P), D); for ``tokens`` row ``b·(T−P) + t`` is
+        patch token ``t`` of sample ``b``.
+
+    Example:
+        >>> x = torch.arange(12.0).reshape(1, 3, 4)
+        >>> pool_tokens(x, "mean", 1)
+        tensor([[6., 7., 8., 9.]])
+        >>> pool_tokens(x, "tokens", 1).shape
+        torch.Size([2, 4])
+    """
+    b, t, d = x.shape
+    if pooling == "flatten":
+        return x.reshape(b, t * d).to(torch.float32).contiguous()
+    if pooling == "cls":
+        if num_prefix_tokens < 1:
+            raise UsageError("pooling 'cls' needs a class token; the model has no prefix tokens")
+        return x[:, 0].to(torch.float32).contiguous()
+    if t <= num_prefix_tokens:
+        raise FeatureError(
+            f"{t} tokens with {num_prefix_tokens} prefix tokens leave no patch tokens to pool"
+        )
+    patches = x[:, num_prefix_tokens:]
+    if pooling == "mean":
+        return patches.mean(dim=1, dtype=torch.float32).contiguous()
+    if pooling == "tokens":
+        return patches.reshape(b * (t - num_prefix_tokens), d).to(torch.float32).contiguous()
+    raise UsageError(f"unknown pooling {pooling!r} (choose from {', '.join(POOLINGS)}){_close(pooling, POOLINGS)}")
+
+
+class Capture:
+    """Pooled sublayer features of the current forward pass; made by :func:`capture`.
+
+    Attributes:
+        names: Canonical names, in the caller's order (the order of every returned dict).
+        module_paths: Canonical name -> hooked module path.
+        pooling: Token pooling mode.
+        num_prefix_tokens: Prefix tokens skipped by ``mean`` and ``tokens``.
+        batch_first: Whether sublayer outputs are (B, T, D) (else (T, B, D)).
+        applied_names: Names with an ``apply`` callable, in ``names`` order.
+    """
+
+    def __init__(
+        self,
+        names: list[str],
+        module_paths: dict[str, str],
+        pooling: str,
+        num_prefix_tokens: int,
+        batch_first: bool,
+        apply: dict[str, Callable[..., Any]],
+    ) -> None:
+        self.names = list(names)
+        self.module_paths = dict(module_paths)
+        self.pooling = pooling
+        self.num_prefix_tokens = num_prefix_tokens
+        self.batch_first = batch_first
+        self._apply = apply
+        self.applied_names = [n for n in self.names if n in apply]
+        self._out: dict[str, torch.Tensor] = {}
+        self._out_count: dict[str, int] = {}
+        self._app: dict[str, torch.Tensor] = {}
+        self._app_count: dict[str, int] = {}
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What a result must record about the capture (pooling, prefix tokens, layout)."""
+        return {
+            "pooling": self.pooling,
+            "num_prefix_tokens": self.num_prefix_tokens,
+            "batch_first": self.batch_first,
+            "sublayers": list(self.names),
+            "module_paths": [self.module_paths[n] for n in self.names],
+        }
+
+    def _pool(self, out: Any, name: str) -> torch.Tensor:
+        return pool_tokens(_as_tokens(out, name, self.batch_first), self.pooling, self.num_prefix_tokens)
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        fn = self._apply.get(name)
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            if _applying():
+                return
+            count = self._out_count.get(name, 0)
+            self._out_count[name] = count + 1
+            if count:
+                return  # reported by pop(): fired twice in one forward
+            self._out[name] = self._pool(output, name)
+            if fn is None:
+                return
+            _APPLYING.depth = getattr(_APPLYING, "depth", 0) + 1
+            try:
+                other = fn(*args, **kwargs)
+            finally:
+                _APPLYING.depth -= 1
+            self._app_count[name] = self._app_count.get(name, 0) + 1
+            self._app[name] = self._pool(other, name)
+
+        return hook
+
+    def _take(
+        self, names: list[str], store: dict[str, torch.Tensor], counts: dict[str, int], what: str
+    ) -> dict[str, torch.Tensor]:
+        try:
+            if not counts:
+                raise FeatureError(f"no {what} captured: run a forward pass inside the capture block before pop")
+            for name in names:
+                n = counts.get(name, 0)
+                if n == 0:
+                    raise FeatureError(
+                        f"sublayer {name!r} ({self.module_paths[name]}) did not fire in the last forward pass"
+                    )
+                if n > 1:
+                    raise FeatureError(
+                        f"sublayer {name!r} ({self.module_paths[name]}) fired {n} times since the last "
+                        "pop (one pop per forward pass; a module used twice cannot be captured)"
+                    )
+            return {name: store[name] for name in names}
+        finally:
+            store.clear()
+            counts.clear()
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        """Pooled outputs of the last forward pass, ordered as :attr:`names`; then clear them.
+
+        Raises:
+            FeatureError: A hooked module did not fire, or fired more than once, since the
+                last pop (the message names it).
+        """
+        return self._take(self.names, self._out, self._out_count, "features")
+
+    def pop_applied(self) -> dict[str, torch.Tensor]:
+        """Pooled outputs of the ``apply`` callables for the last forward pass; then clear.
+
+        Ordered as :attr:`applied_names`. Pop these after every forward pass, as
+        :meth:`pop`; :func:`forward_batch` does both.
+
+        Raises:
+            FeatureError: As :meth:`pop`; also when no ``apply`` was given.
+        """
+        if not self._apply:
+            raise FeatureError("pop_applied: capture() was given no apply callables")
+        return self._take(self.applied_names, self._app, self._app_count, "applied features")
+
+
+@contextmanager
+def capture(
+    model: nn.Module,
+    names: str | Sequence[str] | None = None,
+    *,
+    pooling: str = "mean",
+    num_prefix_tokens: int | None = None,
+    batch_first: bool | None = None,
+    apply: Mapping[str, Callable[..., Any]] | None = None,
+) -> Iterator[Capture]:
+    """Hook canonical sublayers of ``model`` for the duration of a ``with`` block.
+
+    Inside the block gradients are off (``torch.no_grad``), each forward pass fills the
+    :class:`Capture`, and :meth:`Capture.pop` returns ``{name: features}`` for that pass.
+    The hooks are removed on exit, also when the block raises. The model's train/eval mode
+    is left alone: put it in eval mode for CKA.
+
+    Args:
+        model: The model; see :func:`sublayer_map` for how sublayers are found.
+        names: Canonical names (order kept), as for :func:`resolve_sublayers`; None selects
+            :data:`DEFAULT_KINDS` for every block.
+        pooling: ``"mean"`` (patch tokens), ``"cls"``, ``"flatten"`` or ``"tokens"``.
+        num_prefix_tokens: Tokens before the patch tokens. Default: the model's
+            ``num_prefix_tokens`` attribute; without one, 1 (a class token) with a warning.
+        batch_first: Whether the hooked outputs are (B, T, D); False for (T, B, D)
+            (sequence-first, e.g. open_clip with ``nn.MultiheadAttention``). Default: the
+            model's ``batch_first`` attribute, else True.
+        apply: ``{name: callable}``. When the sublayer ``name`` runs, the callable is also
+            called on the very same positional and keyword arguments, and its output
+            (tuple -> first element, layout, pooling as above) is kept for
+            :meth:`Capture.pop_applied`. With the fine-tuned model's module this gives the
+            fine-tuned sublayer on the pretrained model's input, in the same pass. While
+            it runs, capture hooks (of any capture in this thread) are not triggered.
+
+    Yields:
+        The :class:`Capture`.
+
+    Raises:
+        UsageError: Bad names, pooling, ``apply`` keys or values, or ``cls`` pooling for a
+            model without a class token — all checked before any hook is registered.
+
+    Example:
+        >>> import copy
+        >>> from cka_geo.vit import ViTConfig, VisionTransformer
+        >>> pre = VisionTransformer(ViTConfig(img_size=16, patch_size=4, in_chans=3,
+        ...                                   embed_dim=32, depth=2, num_heads=2)).eval()
+        >>> ft = copy.deepcopy(pre)
+        >>> names = ["blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
+        >>> with capture(pre, names, pooling="tokens",
+        ...              apply={n: ft.get_submodule(n) for n in names}) as cap:
+        ...     _ = pre(torch.randn(2, 3, 16, 16))
+        ...     out, own = cap.pop(), cap.pop_applied()
+        >>> out["blocks.1.mlp.fc1"].shape
+        torch.Size([32, 128])
+        >>> bool(torch.equal(out["blocks.1.mlp.fc2"], own["blocks.1.mlp.fc2"]))
+        True
+    """
+    selected = resolve_sublayers(model, names)
+    mapping = sublayer_map(model)
+    if pooling not in POOLINGS:
+        raise UsageError(f"unknown pooling {pooling!r} (choose from {', '.join(POOLINGS)}){_close(pooling, POOLINGS)}")
+    if num_prefix_tokens is None:
+        attr = getattr(model, "num_prefix_tokens", None)
+        if attr is None:
+            if pooling != "flatten":
+                warnings.warn(
+                    f"{type(model).__name__} has no num_prefix_tokens attribute; assuming 1 "
+                    "(a class token); pass num_prefix_tokens= to say otherwise",
+                    stacklevel=3,
+                )
+            attr = 1
+        num_prefix_tokens = attr
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+        raise UsageError(f"num_prefix_tokens must be a non-negative integer, got {num_prefix_tokens!r}")
+    if pooling == "cls" and (num_prefix_tokens == 0 or (hasattr(model, "cls_token") and model.cls_token is None)):
+        raise UsageError(f"pooling 'cls': {type(model).__name__} has no class token")
+    if batch_first is None:
+        batch_first = getattr(model, "batch_first", True)
+    if not isinstance(batch_first, bool):
+        raise UsageError(f"batch_first must be True or False, got {batch_first!r}")
+    fns: dict[str, Callable[..., Any]] = {}
+    for key, fn in (apply or {}).items():
+        canonical = key if key in mapping else {p: n for n, p in mapping.items()}.get(key)
+        if canonical not in selected:
+            raise UsageError(
+                f"apply: {key!r} is not one of the captured sublayers{_close(key, selected)}"
+            )
+        if not callable(fn):
+            raise UsageError(f"apply[{key!r}] is not callable: {type(fn).__name__}")
+        fns[canonical] = fn
+
+    cap = Capture(selected, {n: mapping[n] for n in selected}, pooling, num_prefix_tokens, batch_first, fns)
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        with torch.no_grad():
+            for name in selected:
+                module = model.get_submodule(mapping[name])
+                handles.append(module.register_forward_hook(cap._hook(name), with_kwargs=True))
+            yield cap
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class CapturedBatch(NamedTuple):
+    """What :func:`forward_batch` returns.
+
+    Attributes:
+        features: ``{name: (rows, features)}`` as :meth:`Capture.pop`.
+        applied: ``{name: (rows, features)}`` as :meth:`Capture.pop_applied`; empty when
+            the capture has no ``apply``.
+    """
+
+    features: dict[str, torch.Tensor]
+    applied: dict[str, torch.Tensor]
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
+    for p in model.parameters():
+        return p.device, p.dtype
+    return None, None
+
+
+def forward_batch(
+    model: nn.Module,
+    x: torch.Tensor,
+    cap: Capture,
+    *,
+    time_mode: str = "frames",
+    forward: Callable[[torch.Tensor], Any] | None = None,
+) -> CapturedBatch:
+    """Run one batch of images or image time series through ``model`` and pop the features.
+
+    Images (B, C, H, W) go through as they are. A time series (B, T, C, H, W) runs as B·T
+    frames in one pass; then ``time_mode="frames"`` makes each frame an example (rows in
+    sample-major order: row ``b·T + t`` is frame ``t`` of sample ``b``; with ``tokens``
+    pooling, ``(b·T + t)·T_p + token``), and ``time_mode="mean"`` averages each sample's
+    pooled features over its T frames (B rows; with ``tokens`` pooling, B·T_p rows, each
+    token position averaged over time).
+
+    The input is moved to the model's device (and floating dtype) first; features stay on
+    that device.
+
+    Args:
+        model: The model hooked by ``cap`` (inside its ``with`` block).
+        x: (B, C, H, W) or (B, T, C, H, W).
+        cap: The active :class:`Capture`.
+        time_mode: ``"frames"`` or ``"mean"``; ignored for 4-D input.
+        forward: What to call on the (B·T, C, H, W) frames. Default:
+            ``model.forward_features`` where it exists (no head), else ``model``.
+
+    Returns:
+        A :class:`CapturedBatch` of features (and applied features, when ``cap`` has them).
+
+    Raises:
+        DataError: ``x`` is neither 4-D nor 5-D.
+        FeatureError: A sublayer's row count does not match the batch (a wrong
+            ``batch_first`` shows up here), or a sublayer did not fire.
+
+    Example:
+        >>> from cka_geo.vit import ViTConfig, VisionTransformer
+        >>> m = VisionTransformer(ViTConfig(img_size=8, patch_size=4, in_chans=2,
+        ...                                 embed_dim=8, depth=1, num_heads=1)).eval()
+        >>> series = torch.randn(3, 5, 2, 8, 8)  # 3 samples, 5 dates
+        >>> with capture(m, ["blocks.0"]) as cap:
+        ...     frames = forward_batch(m, series, cap).features["blocks.0"]
+        ...     mean = forward_batch(m, series, cap, time_mode="mean").features["blocks.0"]
+        >>> tuple(frames.shape), tuple(mean.shape)
+        ((15, 8), (3, 8))
+    """
+    if time_mode not in TIME_MODES:
+        raise UsageError(f"unknown time_mode {time_mode!r} (choose from {', '.join(TIME_MODES)})")
+    if not isinstance(x, torch.Tensor) or x.ndim not in (4, 5):
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise DataError(
+            f"expected images (batch, bands, H, W) or a time series (batch, time, bands, H, W), got {shape}"
+        )
+    b = x.shape[0]
+    t = x.shape[1] if x.ndim == 5 else 1
+    frames = x.reshape(b * t, *x.shape[2:]) if x.ndim == 5 else x
+    device, dtype = _model_device_dtype(model)
+    if device is not None and frames.device != device:
+        frames = frames.to(device, non_blocking=True)
+    if dtype is not None and dtype.is_floating_point and frames.is_floating_point() and frames.dtype != dtype:
+        frames = frames.to(dtype)
+    if forward is None:
+        forward = getattr(model, "forward_features", None) or model
+    forward(frames)
+    features = cap.pop()
+    applied = cap.pop_applied() if cap.applied_names else {}
+
+    def finish(feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, f in feats.items():
+            rows = f.shape[0]
+            per = rows // (b * t) if rows % (b * t) == 0 else 0
+            if per == 0 or (cap.pooling != "tokens" and per != 1):
+                raise FeatureError(
+                    f"sublayer {name!r} gave {rows} rows for {b * t} frames; "
+                    f"is batch_first={cap.batch_first} right for this model?"
+                )
+            if x.ndim == 5 and time_mode == "mean":
+                f = f.reshape(b, t, per, f.shape[1]).mean(dim=1).reshape(b * per, f.shape[1])
+            out[name] = f
+        return out
+
+    return CapturedBatch(finish(features), finish(applied))
+
+
+__all__ = [
+    "DEFAULT_KINDS",
+    "KINDS",
+    "POOLINGS",
+    "TIME_MODES",
+    "Capture",
+    "CapturedBatch",
+    "capture",
+    "forward_batch",
+    "pool_tokens",
+    "resolve_sublayers",
+    "sublayer_map",
+]
