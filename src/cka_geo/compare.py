@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
-import itertools
 import math
 import platform
 import sys
@@ -166,15 +165,19 @@ def _model_geometry(loaded: LoadedCheckpoint) -> tuple[int, int]:
     return int(cfg.in_chans), int(size)
 
 
-def probe_batches(opts: CompareOptions, bands: int, size: int) -> tuple[Iterator[torch.Tensor], int, str]:
-    """The probe images in batches, how many there are, and a description for the record."""
+def probe_batches(
+    opts: CompareOptions, bands: int, size: int
+) -> tuple[Iterator[torch.Tensor], int, str, tuple[int, ...]]:
+    """The probe images in batches, how many there are, a description for the record, and
+    the shape of one image ((C, H, W), or (T, C, H, W) for a time series)."""
     from cka_geo.data import ImageFolder, iter_probe_batches, load_array_probes
     from cka_geo.data.folders import iter_batches
 
     if opts.data is None:
         n = opts.samples or DEFAULT_SAMPLES
         desc = f"embedded Sentinel-2 L1C crops (seed {opts.seed})"
-        return iter_probe_batches(n, bands=bands, size=size, batch_size=opts.batch_size, seed=opts.seed), n, desc
+        batches = iter_probe_batches(n, bands=bands, size=size, batch_size=opts.batch_size, seed=opts.seed)
+        return batches, n, desc, (bands, size, size)
     path = Path(opts.data)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder (--data)")
@@ -185,12 +188,14 @@ def probe_batches(opts: CompareOptions, bands: int, size: int) -> tuple[Iterator
         if tuple(first.shape[-2:]) != (size, size):
             raise DataError(f"{path}: images are {first.shape[-2]}x{first.shape[-1]}, the model expects {size}x{size}")
         total = len(ds)
+        shape = tuple(first.shape)
         source: Iterator[torch.Tensor] = iter_batches(ds, opts.batch_size)
     else:
         arr = load_array_probes(path, bands=bands, time_series=True)
         if arr.shape[-2:] != (size, size):
             raise DataError(f"{path}: images are {arr.shape[-2]}x{arr.shape[-1]}, the model expects {size}x{size}")
         total = arr.shape[0]
+        shape = tuple(arr.shape[1:])
         source = iter(arr.split(opts.batch_size))
     n = total if opts.samples is None else opts.samples
     if n > total:
@@ -206,7 +211,7 @@ def probe_batches(opts: CompareOptions, bands: int, size: int) -> tuple[Iterator
             yield batch[:left]
             left -= batch.shape[0]
 
-    return take(), n, str(path)
+    return take(), n, str(path), shape
 
 
 def _progress(total: int, enabled: bool | None) -> Any:
@@ -275,24 +280,22 @@ def run_cka(
 def check_memory(
     model: torch.nn.Module,
     names: list[str],
-    batches: Iterator[torch.Tensor],
+    image_shape: tuple[int, ...],
     opts: CompareOptions,
     total: int,
     device: torch.device,
-) -> Iterator[torch.Tensor]:
+) -> None:
     """Refuse, before the run, sizes whose grams, terms or bootstrap memory cannot hold.
 
-    One image of the first batch goes through the pretrained model to learn the feature
-    widths and rows per image (tokens, frames); the batches are returned unconsumed.
+    One blank image of the probes' shape goes through the model to learn the feature widths
+    and the rows per image (tokens, frames); no probe is read.
 
     Raises:
         UsageError: Naming the options that set the size.
     """
-    first = next(batches, None)
-    if first is None:
-        return iter(())
+    blank = torch.zeros((1, *image_shape), device=device)
     with capture(model, names, pooling=opts.pooling) as cap:
-        feats = forward_batch(model, first[:1], cap, time_mode=opts.time_mode).features
+        feats = forward_batch(model, blank, cap, time_mode=opts.time_mode).features
     per_image = next(iter(feats.values())).shape[0]
     width = sum(f.shape[1] for f in feats.values()) * (3 if opts.own_change else 2)
     full = opts.estimator == "biased"
@@ -312,7 +315,6 @@ def check_memory(
     if per_image > 1:
         what += f" ({per_image} rows per image: --pooling {opts.pooling} / --time-mode {opts.time_mode})"
     check_fits(work, device, what)
-    return itertools.chain([first], batches)
 
 
 class _Clock:
@@ -502,8 +504,8 @@ def compare_checkpoints(pre: str | Path, ft: str | Path, options: CompareOptions
     else:
         names = resolve_sublayers(model_pre, kinds=tuple(opts.sublayers))
     bands, size = _model_geometry(a)
-    batches, n, data_desc = probe_batches(opts, bands, size)
-    batches = check_memory(model_pre, names, batches, opts, n, device)
+    batches, n, data_desc, shape = probe_batches(opts, bands, size)
+    check_memory(model_pre, names, shape, opts, n, device)
     result = run_cka(model_pre, model_ft, names, batches, opts, n)
     return build_results(result, names, opts, a, b, pair, data_desc, device)
 
