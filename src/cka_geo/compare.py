@@ -48,11 +48,12 @@ from cka_geo.functional.precision import (
     NOISE_TOL,
     NOISE_TOL_FLOAT64,
 )
+from cka_geo.sublayers import DEFAULT_KINDS, KINDS, POOLINGS, block_of, kind_of
 
 SCHEMA = "cka-geo/compare/v1"
-SUBLAYER_KINDS = ("attn", "fc1", "act", "fc2", "block")
-DEFAULT_SUBLAYERS = ("attn", "fc1", "fc2", "block")
-POOLINGS = ("mean", "cls", "flatten", "tokens")
+#: The vocabulary's names under their older compare-module aliases.
+SUBLAYER_KINDS = KINDS
+DEFAULT_SUBLAYERS = DEFAULT_KINDS
 DEFAULT_SAMPLES = 512
 #: The numerical noise of CKA: the engine's stated accuracy against a float64 reference
 #: (float32 grams). A CKA above ``1 - UNCHANGED_TOL`` counts as unchanged, and no verdict
@@ -359,15 +360,6 @@ def _num(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def _kind(name: str) -> str:
-    parts = name.split(".")
-    return "block" if len(parts) == 2 else {"attn": "attn", "fc1": "fc1", "act": "act", "fc2": "fc2"}[parts[-1]]
-
-
-def _block(name: str) -> int:
-    return int(name.split(".")[1])
-
-
 def _heads_field(config: Any) -> str:
     return "num_heads" if hasattr(config, "num_heads") else "heads"
 
@@ -445,7 +437,7 @@ def summarize(
     own_name = own_value = None
     if own is not None:
         # the block output's own change contains its sublayers'; rank sublayers proper
-        own_name, own_value = lowest(changed({k: v for k, v in own.items() if _kind(k) != "block"}))
+        own_name, own_value = lowest(changed({k: v for k, v in own.items() if kind_of(k) != "block"}))
         out["largest_own_change"] = own_name
         out["largest_own_change_cka"] = own_value
     if identical:
@@ -588,8 +580,8 @@ def build_results(
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "layers": names,
-        "blocks": sorted({_block(n) for n in names}),
-        "kinds": [_kind(n) for n in names],
+        "blocks": sorted({block_of(n) for n in names}),
+        "kinds": [kind_of(n) for n in names],
         "matrix": [[_num(v) for v in row] for row in matrix],
         "diagonal": diag,
         "intervals": iv,

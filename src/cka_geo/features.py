@@ -51,20 +51,15 @@ import torch
 from torch import nn
 
 from cka_geo.errors import DataError, FeatureError, UsageError
+from cka_geo.sublayers import (
+    DEFAULT_KINDS,
+    KINDS,
+    POOLINGS,
+    TIME_MODES,
+    normalize_block,
+    parse,
+)
 
-KINDS: tuple[str, ...] = ("attn", "fc1", "act", "fc2", "block")
-"""Every sublayer kind, in the order used within a block."""
-
-DEFAULT_KINDS: tuple[str, ...] = ("attn", "fc1", "fc2", "block")
-"""Kinds selected when neither names, kinds nor a pattern are given."""
-
-POOLINGS: tuple[str, ...] = ("mean", "cls", "flatten", "tokens")
-TIME_MODES: tuple[str, ...] = ("frames", "mean")
-
-# canonical suffix after "blocks.{i}" -> kind
-_SUFFIX_KIND = {"attn": "attn", "mlp.fc1": "fc1", "mlp.act": "act", "mlp.fc2": "fc2", "": "block"}
-_KIND_SUFFIX = {kind: suffix for suffix, kind in _SUFFIX_KIND.items()}
-_CANONICAL_RE = re.compile(r"blocks\.(\d+)(?:\.(attn|mlp\.fc1|mlp\.act|mlp\.fc2))?")
 _TIMM_BLOCK_RE = re.compile(r"(?:(.+)\.)?blocks\.(\d+)")
 
 # While a Capture hook runs an ``apply`` callable, every Capture hook in this thread stands
@@ -75,14 +70,6 @@ _APPLYING = threading.local()
 
 def _applying() -> bool:
     return getattr(_APPLYING, "depth", 0) > 0
-
-
-def _parse_canonical(name: str) -> tuple[int, str] | None:
-    """``"blocks.3.mlp.fc1"`` -> ``(3, "fc1")``; None for a name outside the scheme."""
-    m = _CANONICAL_RE.fullmatch(name)
-    if m is None:
-        return None
-    return int(m.group(1)), _SUFFIX_KIND[m.group(2) or ""]
 
 
 def _timm_sublayers(model: nn.Module) -> dict[str, str]:
@@ -152,7 +139,7 @@ def sublayer_map(model: nn.Module) -> dict[str, str]:
     order = list(mapping)
 
     def key(name: str) -> tuple[int, int, int]:
-        parsed = _parse_canonical(name)
+        parsed = parse(name)
         if parsed is None:
             return (1, 0, order.index(name))
         return (0, parsed[0], KINDS.index(parsed[1]))
@@ -235,7 +222,7 @@ def resolve_sublayers(
     for kind in kinds:
         if kind not in KINDS:
             raise UsageError(f"unknown sublayer kind {kind!r} (kinds: {', '.join(KINDS)}){_close(kind, KINDS)}")
-    parsed = {name: _parse_canonical(name) for name in mapping}
+    parsed = {name: parse(name) for name in mapping}
     present = {p[1] for p in parsed.values() if p is not None}
     missing = [k for k in kinds if k not in present]
     if missing:
@@ -245,9 +232,7 @@ def resolve_sublayers(
     if blocks is not None:
         wanted_blocks = set()
         for b in blocks:
-            if isinstance(b, bool) or not isinstance(b, int) or not -depth <= b < depth:
-                raise UsageError(f"block index {b!r} out of range for a {depth}-block model")
-            wanted_blocks.add(b % depth)
+            wanted_blocks.add(normalize_block(b, depth, "block index"))
     regex = None
     if pattern is not None:
         try:

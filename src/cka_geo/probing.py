@@ -59,12 +59,12 @@ from torch import nn
 from cka_geo.errors import DataError, FeatureError, UsageError
 from cka_geo.features import (
     KINDS,
-    _parse_canonical,
     capture,
     forward_batch,
     resolve_sublayers,
     sublayer_map,
 )
+from cka_geo.sublayers import parse
 
 TASKS: tuple[str, ...] = ("classification", "regression")
 
@@ -575,7 +575,7 @@ def probe_layers(
             if task == "classification"
             else {"rmse": m["rmse"], "r2": m["r2"]}
         )
-        parsed = _parse_canonical(name)
+        parsed = parse(name)
         fit = fits[name]
         layers.append(LayerProbe(
             name=name, block=parsed[0] if parsed else None, kind=parsed[1] if parsed else None,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cka_geo.errors import DataError, UsageError
+from cka_geo.sublayers import normalize_block
 
 
 @dataclass
@@ -359,10 +360,7 @@ class VisionTransformer(nn.Module):
         depth = len(self.blocks)
         wanted = []
         for i in indices:
-            j = i + depth if i < 0 else i
-            if not 0 <= j < depth:
-                raise UsageError(f"block index {i} out of range for a {depth}-block ViT")
-            wanted.append(j)
+            wanted.append(normalize_block(i, depth, "block index"))
         gh, gw = x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size
         x = self.embed(x)
         outs: dict[int, torch.Tensor] = {}

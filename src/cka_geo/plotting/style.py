@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-SUBLAYER_TYPES = ("attn", "fc1", "act", "fc2", "block")
-"""Sublayer types in their order inside a block."""
+from cka_geo.sublayers import KINDS, LABELS
+
+SUBLAYER_TYPES = KINDS
+"""Sublayer types in their order inside a block (the vocabulary's kinds)."""
 
 TYPE_LABELS = {
     "attn": "attn",
@@ -28,7 +30,7 @@ TYPE_COLORS = {
 
 _MARKERS = {"attn": "o", "fc1": "s", "act": "^", "fc2": "D", "block": "v", "other": "x"}
 _LINESTYLES = {"attn": "-", "fc1": "-", "act": "--", "fc2": "-", "block": ":", "other": "-"}
-_SHORT = {"attn": "attn", "fc1": "fc1", "act": "act", "fc2": "fc2", "block": "out"}
+_SHORT = LABELS
 
 _NAN_COLOR = "#D9D9D9"
 _NAN_HATCH_COLOR = "#8C8C8C"

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cka_geo.errors import UsageError
+from cka_geo.sublayers import normalize_block
 
 PANGAEA_TAPS_12 = (3, 5, 7, 11)
 
@@ -52,13 +53,7 @@ def default_taps(depth: int, base: Sequence[int] = PANGAEA_TAPS_12, base_depth: 
 
 
 def _check_taps(taps: Sequence[int], depth: int) -> list[int]:
-    out = []
-    for t in taps:
-        j = t + depth if t < 0 else t
-        if not 0 <= j < depth:
-            raise UsageError(f"decoder tap {t} out of range for a {depth}-block encoder")
-        out.append(j)
-    return out
+    return [normalize_block(t, depth, "decoder tap") for t in taps]
 
 
 def _norm(channels: int) -> nn.GroupNorm:
