@@ -1,10 +1,11 @@
 """Minibatch CKA as a ``torchmetrics.Metric`` (optional extra: ``pip install cka-geo[metrics]``).
 
-:class:`CKAMetric` sums, per batch, the same HSIC terms as
-:class:`cka_geo.accumulator.MinibatchCKA` (it calls the engine's per-batch computation,
-:meth:`~cka_geo.accumulator.MinibatchCKA.batch_terms`): states are the float64 sums of the
-cross terms (L_A × L_B), the self terms of A (L_A) and of B (L_B), and sample/batch counts,
-all reduced with ``"sum"``. Synchronising across processes therefore adds the very numbers
+:class:`CKAMetric` is a thin stateful wrapper of the functional core
+(:func:`cka_geo.functional.minibatch.batch_grams` and
+:func:`~cka_geo.functional.minibatch.batch_terms`, which
+:class:`cka_geo.accumulator.MinibatchCKA` sums too): states are the float64 sums of the
+cross terms (L_A × L_B), the self terms of A (L_A) and of B (L_B), the counts of degenerate
+batches per layer, and sample/batch counts, all reduced with ``"sum"``. Synchronising across processes therefore adds the very numbers
 one process would have added.
 
 What does and does not depend on batching (minibatch CKA, Nguyen et al. 2021):
@@ -42,9 +43,23 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from cka_geo.accumulator import CKAResult, MinibatchCKA, cka_from_sums, too_small
+from cka_geo.accumulator import CKAResult, warn_degenerate
 from cka_geo.errors import FeatureError, UsageError
-from cka_geo.functional import DEFAULT_RBF_FRAC, Estimator, Kernel, min_samples
+from cka_geo.functional.kernels import (
+    DEFAULT_RBF_FRAC,
+    Estimator,
+    Kernel,
+    check_kernel,
+    min_samples,
+)
+from cka_geo.functional.minibatch import (
+    batch_grams,
+    batch_terms,
+    check_batch,
+    check_rbf_frac,
+    cka_from_sums,
+    too_small,
+)
 
 DEFAULT_NAME = "features"
 """Layer name of features passed as a bare tensor when no names were given."""
@@ -94,8 +109,9 @@ class CKAMetric(Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self._engine = MinibatchCKA(kernel=kernel, estimator=estimator, rbf_frac=rbf_frac,
-                                    keep_batches=False, gram_dtype=gram_dtype)
+        check_kernel(kernel, estimator)
+        check_rbf_frac(kernel, rbf_frac)
+        self._kernel, self._estimator, self.rbf_frac, self.gram_dtype = kernel, estimator, rbf_frac, gram_dtype
         for which, names in (("names_a", names_a), ("names_b", names_b)):
             if names is not None and (isinstance(names, str) or not names or len(set(names)) != len(names)):
                 raise UsageError(f"CKAMetric: {which} must be a non-empty sequence of distinct names, got {names!r}")
@@ -107,6 +123,8 @@ class CKAMetric(Metric):
         self.add_state("cross", default=torch.zeros(la, lb, dtype=f64), dist_reduce_fx="sum")
         self.add_state("self_a", default=torch.zeros(la, dtype=f64), dist_reduce_fx="sum")
         self.add_state("self_b", default=torch.zeros(lb, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("degenerate_a", default=torch.zeros(la, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("degenerate_b", default=torch.zeros(lb, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("samples", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("samples_skipped", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("batches", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
@@ -114,12 +132,12 @@ class CKAMetric(Metric):
     @property
     def kernel(self) -> str:
         """The kernel."""
-        return self._engine.kernel
+        return self._kernel
 
     @property
     def estimator(self) -> str:
         """The HSIC estimator."""
-        return self._engine.estimator
+        return self._estimator
 
     @property
     def diagonal_names(self) -> list[str]:
@@ -158,6 +176,8 @@ class CKAMetric(Metric):
             self.cross = torch.zeros(la, lb, dtype=torch.float64, device=dev)
             self.self_a = torch.zeros(la, dtype=torch.float64, device=dev)
             self.self_b = torch.zeros(lb, dtype=torch.float64, device=dev)
+            self.degenerate_a = torch.zeros(la, dtype=torch.int64, device=dev)
+            self.degenerate_b = torch.zeros(lb, dtype=torch.int64, device=dev)
 
     def update(
         self, features_a: Mapping[str, Tensor] | Tensor, features_b: Mapping[str, Tensor] | Tensor | None = None
@@ -178,9 +198,12 @@ class CKAMetric(Metric):
         if too_small(n, self.estimator):
             self.samples_skipped += n
             return
-        ga = self._engine.prepare(fa, "A", keep=False)
-        gb = None if fb is None else self._engine.prepare(fb, "B", keep=False)
-        terms = self._engine.batch_terms(ga, gb)
+        fa, _ = check_batch(fa, "A")
+        fb = None if fb is None else check_batch(fb, "B")[0]
+        opts = {"kernel": self.kernel, "estimator": self.estimator, "rbf_frac": self.rbf_frac, "gram_dtype": self.gram_dtype}
+        ga = batch_grams(fa, **opts)
+        gb = None if fb is None else batch_grams(fb, **opts)
+        terms = batch_terms(ga, gb, estimator=self.estimator, batch=int(self.batches) + 1)
         if self.names_a is None:
             self.names_a = list(ga.names)
         if self.names_b is None:
@@ -190,6 +213,8 @@ class CKAMetric(Metric):
         self.cross += terms.cross.to(dev)
         self.self_a += terms.self_a.to(dev)
         self.self_b += terms.self_b.to(dev)
+        self.degenerate_a += terms.degenerate_a.to(dev)
+        self.degenerate_b += terms.degenerate_b.to(dev)
         self.samples += terms.n
         self.batches += 1
 
@@ -197,7 +222,7 @@ class CKAMetric(Metric):
         # States sized by the first update: a side that has seen no batch yet holds empty
         # sums, which stand for zeros of the other side's shape.
         fixed = dict(incoming_state)
-        for attr in ("cross", "self_a", "self_b"):
+        for attr in ("cross", "self_a", "self_b", "degenerate_a", "degenerate_b"):
             local, other = getattr(self, attr), fixed.get(attr)
             if isinstance(other, Tensor) and other.shape != local.shape:
                 if other.numel() == 0:
@@ -223,8 +248,11 @@ class CKAMetric(Metric):
                 f"CKAMetric: no batch with at least {min_samples(self.estimator)} samples was seen "
                 f"({int(self.samples_skipped)} samples skipped)"
             )
-        matrix = cka_from_sums(self.cross.cpu().numpy(), self.self_a.cpu().numpy(), self.self_b.cpu().numpy())
+        self_a, self_b = self.self_a.cpu().numpy(), self.self_b.cpu().numpy()
+        matrix = cka_from_sums(self.cross.cpu().numpy(), self_a, self_b)
         names_b = self.names_b or self.names_a
+        warn_degenerate(self.names_a, names_b, self_a, self_b, self.degenerate_a.cpu().numpy(),
+                        self.degenerate_b.cpu().numpy(), int(self.batches))
         col = {n: j for j, n in enumerate(names_b)}
         diag = np.array([matrix[i, col[n]] for i, n in enumerate(self.names_a) if n in col], dtype=np.float64)
         dev = self.cross.device
@@ -248,7 +276,9 @@ class CKAMetric(Metric):
             samples_skipped=int(self.samples_skipped),
             kernel=self.kernel,
             estimator=self.estimator,
-            rbf_frac=self._engine.rbf_frac if self.kernel == "rbf" else None,
+            rbf_frac=self.rbf_frac if self.kernel == "rbf" else None,
+            degenerate_a=self.degenerate_a.cpu().numpy(),
+            degenerate_b=self.degenerate_b.cpu().numpy(),
             extra={"batches": int(self.batches)},
         )
 
