@@ -20,7 +20,9 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Iterable
 
 from cka_geo.errors import UsageError
 
@@ -102,10 +104,16 @@ def normalize_block(index: int, depth: int, what: str = "block") -> int:
     return index % depth
 
 
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """``"; did you mean 'fc1'?"`` for close matches of ``word``, else ``""``."""
+    matches = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(repr(m) for m in matches)}?" if matches else ""
+
+
 def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
     """``value`` if it is one of ``choices``, else a UsageError naming ``what``."""
     if value not in choices:
-        raise UsageError(f"unknown {what} {value!r}; choose from {', '.join(choices)}")
+        raise UsageError(f"unknown {what} {value!r}; choose from {', '.join(choices)}{did_you_mean(value, choices)}")
     return value
 
 
@@ -122,6 +130,7 @@ __all__ = [
     "block_of",
     "canonical_name",
     "check_choice",
+    "did_you_mean",
     "kind_of",
     "normalize_block",
     "parse",

@@ -1,49 +1,10 @@
-"""Sublayer capture: the project's one path from a forward pass to pooled features.
-
-Hooks are put on canonical sublayers (per block ``i``: ``blocks.{i}.attn``,
-``blocks.{i}.mlp.fc1``, ``blocks.{i}.mlp.act``, ``blocks.{i}.mlp.fc2``, ``blocks.{i}``),
-each output is normalised to (batch, tokens, width), pooled on the model's device, and handed
-back per forward pass as ``{name: (rows, features)}`` in the caller's order.
-
-A model says where each canonical name lives with ``model.canonical_sublayers()``
-(``{canonical name: module path}``); a model without that method is read as timm-named
-(``blocks.{i}.attn``, ``blocks.{i}.mlp.fc1`` ...), so a timm ViT works as it is.
-
-Token pooling (``pooling=``), for a sublayer output (B, T, D) with P prefix tokens
-(class / register tokens) and T_p = T - P patch tokens:
-
-* ``"mean"``: mean over the patch tokens -> (B, D). The default.
-* ``"cls"``: the class token (token 0) -> (B, D); refused for a model without one.
-* ``"flatten"``: all T tokens, prefix included, concatenated -> (B, T·D).
-* ``"tokens"``: each patch token an example -> (B·T_p, D), sample-major: row ``b·T_p + t``
-  is token ``t`` of sample ``b``.
-
-Features come back detached, float32, contiguous, on the model's device (the CKA engine runs
-there; nothing here synchronises with the device or checks for NaN/Inf — the engine does).
-
-Example:
-    >>> import torch
-    >>> from cka_geo.vit import ViTConfig, VisionTransformer
-    >>> from cka_geo.features import capture, resolve_sublayers
-    >>> model = VisionTransformer(ViTConfig(img_size=16, patch_size=4, in_chans=13,
-    ...                                     embed_dim=32, depth=2, num_heads=2)).eval()
-    >>> names = resolve_sublayers(model, kinds=("fc1", "block"))
-    >>> names
-    ['blocks.0.mlp.fc1', 'blocks.0', 'blocks.1.mlp.fc1', 'blocks.1']
-    >>> with capture(model, names) as cap:
-    ...     _ = model(torch.randn(4, 13, 16, 16))
-    ...     feats = cap.pop()
-    >>> {k: tuple(v.shape) for k, v in feats.items()}
-    {'blocks.0.mlp.fc1': (4, 128), 'blocks.0': (4, 32), 'blocks.1.mlp.fc1': (4, 128), 'blocks.1': (4, 32)}
-"""
+"""Forward hooks on canonical sublayers: capture() and forward_batch()."""
 
 from __future__ import annotations
 
-import difflib
-import re
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -51,16 +12,13 @@ import torch
 from torch import nn
 
 from cka_geo.errors import DataError, FeatureError, UsageError
+from cka_geo.features.pool import _as_tokens, pool_tokens
+from cka_geo.features.select import resolve_sublayers, sublayer_map
 from cka_geo.sublayers import (
-    DEFAULT_KINDS,
-    KINDS,
     POOLINGS,
     TIME_MODES,
-    normalize_block,
-    parse,
+    did_you_mean,
 )
-
-_TIMM_BLOCK_RE = re.compile(r"(?:(.+)\.)?blocks\.(\d+)")
 
 # While a Capture hook runs an ``apply`` callable, every Capture hook in this thread stands
 # aside: the callable may be the model's own module (whose submodules are hooked too), or a
@@ -70,244 +28,6 @@ _APPLYING = threading.local()
 
 def _applying() -> bool:
     return getattr(_APPLYING, "depth", 0) > 0
-
-
-def _timm_sublayers(model: nn.Module) -> dict[str, str]:
-    """Canonical name -> module path for a timm-named model (``[prefix.]blocks.{i}...``)."""
-    modules = dict(model.named_modules())
-    by_prefix: dict[str, list[int]] = {}
-    for path in modules:
-        m = _TIMM_BLOCK_RE.fullmatch(path)
-        if m is not None:
-            by_prefix.setdefault(m.group(1) or "", []).append(int(m.group(2)))
-    if not by_prefix:
-        raise UsageError(
-            f"{type(model).__name__} has no canonical_sublayers() method and no timm-style "
-            "'blocks.{i}' modules; implement canonical_sublayers() -> {canonical name: module path}"
-        )
-    if len(by_prefix) > 1:
-        if "" not in by_prefix:
-            found = sorted(f"{p}.blocks" for p in by_prefix)
-            raise UsageError(
-                f"{type(model).__name__}: several block stacks {found}; implement "
-                "canonical_sublayers() to say which one is the encoder"
-            )
-        by_prefix = {"": by_prefix[""]}
-    (prefix, indices), = by_prefix.items()
-    base = f"{prefix}." if prefix else ""
-    mapping: dict[str, str] = {}
-    for i in sorted(indices):
-        for suffix in ("attn", "mlp.fc1", "mlp.act", "mlp.fc2", ""):
-            path = f"{base}blocks.{i}" + (f".{suffix}" if suffix else "")
-            if path in modules:
-                mapping[f"blocks.{i}" + (f".{suffix}" if suffix else "")] = path
-    return mapping
-
-
-def sublayer_map(model: nn.Module) -> dict[str, str]:
-    """Canonical sublayer name -> module path in ``model``, in canonical order.
-
-    Uses ``model.canonical_sublayers()`` where the model has it, else timm's paths. Every
-    path is checked to exist.
-
-    Args:
-        model: The model.
-
-    Returns:
-        ``{canonical name: module path}``, block by block, then attn, fc1, act, fc2, block
-        (names outside the canonical scheme last, in the model's order).
-
-    Raises:
-        UsageError: The model maps a name to a missing module, or has no block stack.
-
-    Example:
-        >>> from cka_geo.vit import ViTConfig, VisionTransformer
-        >>> m = VisionTransformer(ViTConfig(img_size=8, patch_size=4, embed_dim=8, depth=1, num_heads=1))
-        >>> list(sublayer_map(m))
-        ['blocks.0.attn', 'blocks.0.mlp.fc1', 'blocks.0.mlp.act', 'blocks.0.mlp.fc2', 'blocks.0']
-    """
-    method = getattr(model, "canonical_sublayers", None)
-    mapping = dict(method()) if callable(method) else _timm_sublayers(model)
-    for name, path in mapping.items():
-        try:
-            model.get_submodule(path)
-        except AttributeError:
-            raise UsageError(
-                f"{type(model).__name__}.canonical_sublayers() maps {name!r} to {path!r}, "
-                "which is not a module of the model"
-            ) from None
-    order = list(mapping)
-
-    def key(name: str) -> tuple[int, int, int]:
-        parsed = parse(name)
-        if parsed is None:
-            return (1, 0, order.index(name))
-        return (0, parsed[0], KINDS.index(parsed[1]))
-
-    return {name: mapping[name] for name in sorted(mapping, key=key)}
-
-
-def _close(word: str, candidates: Iterable[str]) -> str:
-    matches = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
-    return f"; did you mean {', '.join(repr(m) for m in matches)}?" if matches else ""
-
-
-def resolve_sublayers(
-    model: nn.Module,
-    names: str | Sequence[str] | None = None,
-    *,
-    kinds: Sequence[str] | None = None,
-    blocks: Iterable[int] | None = None,
-    pattern: str | None = None,
-) -> list[str]:
-    """Choose canonical sublayers of ``model`` by name, or by kind, block and pattern.
-
-    Args:
-        model: The model (see :func:`sublayer_map` for how its sublayers are found).
-        names: Explicit canonical names (a module path of the model is accepted too and
-            translated). Their order is kept. Excludes ``kinds``, ``blocks`` and
-            ``pattern``.
-        kinds: Subset of ``attn``, ``fc1``, ``act``, ``fc2``, ``block``. Default:
-            :data:`DEFAULT_KINDS` (no ``act``) without a pattern, every kind with one.
-        blocks: Block indices (negative counts from the end); default all.
-        pattern: Regular expression searched (``re.search``) in each canonical name, e.g.
-            ``r"mlp\\.fc1$"`` or ``r"^blocks\\.(0|11)$"``; applied after kinds and blocks.
-
-    Returns:
-        Canonical names: the caller's order for ``names``, else block by block, then attn,
-        fc1, act, fc2, block.
-
-    Raises:
-        UsageError: An unknown name (the message lists close matches), kind or block index,
-            a bad pattern, a duplicate, or an empty selection.
-
-    Example:
-        >>> from cka_geo.vit import ViTConfig, VisionTransformer
-        >>> m = VisionTransformer(ViTConfig(img_size=8, patch_size=4, embed_dim=8, depth=3, num_heads=1))
-        >>> resolve_sublayers(m, blocks=[-1])
-        ['blocks.2.attn', 'blocks.2.mlp.fc1', 'blocks.2.mlp.fc2', 'blocks.2']
-        >>> resolve_sublayers(m, pattern=r"fc1$", blocks=[0, 1])
-        ['blocks.0.mlp.fc1', 'blocks.1.mlp.fc1']
-        >>> resolve_sublayers(m, ["blocks.2", "blocks.0.attn"])
-        ['blocks.2', 'blocks.0.attn']
-    """
-    mapping = sublayer_map(model)
-    if names is not None:
-        if kinds is not None or blocks is not None or pattern is not None:
-            raise UsageError("give sublayer names, or kinds/blocks/pattern, not both")
-        if isinstance(names, str):
-            names = [names]
-        by_path = {path: name for name, path in mapping.items()}
-        out: list[str] = []
-        for name in names:
-            if not isinstance(name, str):
-                raise UsageError(f"sublayer names must be strings, got {name!r}")
-            canonical = name if name in mapping else by_path.get(name)
-            if canonical is None:
-                raise UsageError(
-                    f"unknown sublayer {name!r} in {type(model).__name__}"
-                    + (_close(name, [*mapping, *by_path]) or f" (known: {', '.join(list(mapping)[:5])}, ...)")
-                )
-            if canonical in out:
-                raise UsageError(f"sublayer {canonical!r} given twice")
-            out.append(canonical)
-        if not out:
-            raise UsageError("no sublayer names given")
-        return out
-
-    if kinds is None:
-        kinds = KINDS if pattern is not None else DEFAULT_KINDS
-    if isinstance(kinds, str):
-        kinds = [kinds]
-    for kind in kinds:
-        if kind not in KINDS:
-            raise UsageError(f"unknown sublayer kind {kind!r} (kinds: {', '.join(KINDS)}){_close(kind, KINDS)}")
-    parsed = {name: parse(name) for name in mapping}
-    present = {p[1] for p in parsed.values() if p is not None}
-    missing = [k for k in kinds if k not in present]
-    if missing:
-        raise UsageError(f"{type(model).__name__} has no {'/'.join(missing)} sublayers")
-    depth = 1 + max((p[0] for p in parsed.values() if p is not None), default=-1)
-    wanted_blocks: set[int] | None = None
-    if blocks is not None:
-        wanted_blocks = set()
-        for b in blocks:
-            wanted_blocks.add(normalize_block(b, depth, "block index"))
-    regex = None
-    if pattern is not None:
-        try:
-            regex = re.compile(pattern)
-        except re.error as exc:
-            raise UsageError(f"bad sublayer pattern {pattern!r}: {exc}") from None
-    out = []
-    for name, p in parsed.items():
-        if p is None or p[1] not in kinds:
-            continue
-        if wanted_blocks is not None and p[0] not in wanted_blocks:
-            continue
-        if regex is not None and not regex.search(name):
-            continue
-        out.append(name)
-    if not out:
-        raise UsageError(
-            f"no sublayer matches kinds={list(kinds)}, blocks={sorted(wanted_blocks) if wanted_blocks is not None else 'all'}, "
-            f"pattern={pattern!r}"
-        )
-    return out
-
-
-def _as_tokens(out: Any, name: str, batch_first: bool) -> torch.Tensor:
-    """Normalise a sublayer output to a detached (B, T, D) tensor."""
-    if isinstance(out, (tuple, list)):
-        if not out:
-            raise FeatureError(f"sublayer {name!r} returned an empty {type(out).__name__}")
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
-        raise FeatureError(f"sublayer {name!r} returned {type(out).__name__}, not a tensor")
-    if out.ndim != 3:
-        raise FeatureError(
-            f"sublayer {name!r} output has shape {tuple(out.shape)}; expected (batch, tokens, width)"
-        )
-    out = out.detach()
-    return out if batch_first else out.transpose(0, 1)
-
-
-def pool_tokens(x: torch.Tensor, pooling: str, num_prefix_tokens: int) -> torch.Tensor:
-    """Pool (B, T, D) tokens to examples × features, float32, contiguous, same device.
-
-    Args:
-        x: Tokens (B, T, D), prefix tokens first.
-        pooling: ``mean``, ``cls``, ``flatten`` or ``tokens`` (see the module docstring).
-        num_prefix_tokens: Leading non-patch tokens P.
-
-    Returns:
-        (B, D), (B, D), (B, T·D) or (B·(T−P), D); for ``tokens`` row ``b·(T−P) + t`` is
-        patch token ``t`` of sample ``b``.
-
-    Example:
-        >>> x = torch.arange(12.0).reshape(1, 3, 4)
-        >>> pool_tokens(x, "mean", 1)
-        tensor([[6., 7., 8., 9.]])
-        >>> pool_tokens(x, "tokens", 1).shape
-        torch.Size([2, 4])
-    """
-    b, t, d = x.shape
-    if pooling == "flatten":
-        return x.reshape(b, t * d).to(torch.float32).contiguous()
-    if pooling == "cls":
-        if num_prefix_tokens < 1:
-            raise UsageError("pooling 'cls' needs a class token; the model has no prefix tokens")
-        return x[:, 0].to(torch.float32).contiguous()
-    if t <= num_prefix_tokens:
-        raise FeatureError(
-            f"{t} tokens with {num_prefix_tokens} prefix tokens leave no patch tokens to pool"
-        )
-    patches = x[:, num_prefix_tokens:]
-    if pooling == "mean":
-        return patches.mean(dim=1, dtype=torch.float32).contiguous()
-    if pooling == "tokens":
-        return patches.reshape(b * (t - num_prefix_tokens), d).to(torch.float32).contiguous()
-    raise UsageError(f"unknown pooling {pooling!r} (choose from {', '.join(POOLINGS)}){_close(pooling, POOLINGS)}")
 
 
 class Capture:
@@ -485,7 +205,7 @@ def capture(
     selected = resolve_sublayers(model, names)
     mapping = sublayer_map(model)
     if pooling not in POOLINGS:
-        raise UsageError(f"unknown pooling {pooling!r} (choose from {', '.join(POOLINGS)}){_close(pooling, POOLINGS)}")
+        raise UsageError(f"unknown pooling {pooling!r} (choose from {', '.join(POOLINGS)}){did_you_mean(pooling, POOLINGS)}")
     if num_prefix_tokens is None:
         attr = getattr(model, "num_prefix_tokens", None)
         if attr is None:
@@ -510,7 +230,7 @@ def capture(
         canonical = key if key in mapping else {p: n for n, p in mapping.items()}.get(key)
         if canonical not in selected:
             raise UsageError(
-                f"apply: {key!r} is not one of the captured sublayers{_close(key, selected)}"
+                f"apply: {key!r} is not one of the captured sublayers{did_you_mean(key, selected)}"
             )
         if not callable(fn):
             raise UsageError(f"apply[{key!r}] is not callable: {type(fn).__name__}")
@@ -632,18 +352,3 @@ def forward_batch(
         return out
 
     return CapturedBatch(finish(features), finish(applied))
-
-
-__all__ = [
-    "DEFAULT_KINDS",
-    "KINDS",
-    "POOLINGS",
-    "TIME_MODES",
-    "Capture",
-    "CapturedBatch",
-    "capture",
-    "forward_batch",
-    "pool_tokens",
-    "resolve_sublayers",
-    "sublayer_map",
-]
