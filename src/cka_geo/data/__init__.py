@@ -3,8 +3,9 @@
 * :mod:`cka_geo.data.embedded`: the packaged 13-band Sentinel-2 L1C crop, its tiles
   (:class:`EmbeddedS2Tiles`) and the default probe set (:func:`probe_images`).
 * :mod:`cka_geo.data.labels`: labels derived from spectral indices (NDWI, NDVI).
-* :mod:`cka_geo.data.folders`: folders of GeoTIFF/.npy tiles, array probe sets,
-  Sen1Floods11 and PASTIS-like layouts.
+* Users' data (:mod:`cka_geo.data.folders` gathers them): :mod:`~cka_geo.data.readers`
+  (one .tif/.npy file), :mod:`~cka_geo.data.imagefolder` (tile folders, array probe sets,
+  batching), :mod:`~cka_geo.data.sen1floods11` and :mod:`~cka_geo.data.pastis` (layouts).
 
 Only numpy and torch are imported here; tifffile is imported where a .tif is read.
 See docs/data.md.
