@@ -117,3 +117,37 @@ def test_fewer_than_ten_batches_behind_an_interval_warn(tmp_path, pair, capsys):
     assert "only 4 batches feed the bootstrap intervals" in capsys.readouterr().err
     assert main(["compare", *common, "--samples", "40", "--batch-size", "4", "--out", str(tmp_path / "b")]) == 0
     assert "batches feed" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("pooling", "cls"), ("kernel", "rbf"), ("estimator", "biased"), ("pooling", "tokens")]
+)
+def test_settings_record_what_the_engine_did_and_the_numbers_follow_them(pair, option, value, monkeypatch):
+    # The result must say what the capture and accumulator did, and its numbers must be the
+    # ones those settings give: dropping or changing an option anywhere between the options
+    # and the engine fails here (a mutation of the capture call is tried at the end).
+    from cka_geo import compare as cmp
+    from cka_geo.accumulator import MinibatchCKA
+    from cka_geo.checkpoints import build_model, load_checkpoint
+    from cka_geo.data import iter_probe_batches
+    from cka_geo.features import capture, forward_batch, resolve_sublayers
+
+    pre, ft = pair
+    opts = {"samples": 32, "batch_size": 32 if option == "estimator" else 8, "bootstrap": 0, "own_change": False}
+    res = cmp.compare_checkpoints(pre, ft, **opts, **{option: value})
+    assert res["settings"][option] == value
+    a, b = (build_model(load_checkpoint(p)) for p in (pre, ft))
+    names = resolve_sublayers(a, kinds=("attn", "fc1", "fc2", "block"))
+    settings = {"kernel": "linear", "estimator": "unbiased", "pooling": "mean", option: value}
+    acc = MinibatchCKA(kernel=settings["kernel"], estimator=settings["estimator"])
+    with capture(a, names, pooling=settings["pooling"]) as ca, capture(b, names, pooling=settings["pooling"]) as cb:
+        for x in iter_probe_batches(32, bands=13, size=16, batch_size=opts["batch_size"], seed=0):
+            acc.update(forward_batch(a, x, ca).features, forward_batch(b, x, cb).features)
+    want = acc.compute().diagonal()
+    for n in names:
+        assert res["diagonal"][n] == pytest.approx(want[n], abs=1e-12), n
+    if option == "pooling":
+        real = cmp.capture
+        monkeypatch.setattr(cmp, "capture", lambda model, names, pooling="mean", **kw: real(model, names, **kw))
+        mutated = cmp.compare_checkpoints(pre, ft, **opts, **{option: value})
+        assert mutated["settings"]["pooling"] != value  # the record follows the capture, not the options

@@ -359,19 +359,22 @@ def warn_degenerate(
         partly = [f"{n} ({int(d)} of {batches})" for n, s, d in zip(names, selfs, deg, strict=True) if s > 0 and d]
         return undefined, partly
 
+    def short(items: list[str]) -> str:
+        return str(items) if len(items) <= 6 else f"{items[:3]} and {len(items) - 3} more".replace("]", ", ...]", 1)
+
     und_a, part_a = pick(names_a, self_a, deg_a)
     und_b, part_b = pick(names_b, self_b, deg_b)
     if und_a or und_b:
         warnings.warn(
             "constant representation (or one at the round-off level of its dtype, or an RBF bandwidth too "
-            f"narrow for it) in every batch, CKA undefined (NaN): model A {und_a}, model B {und_b}",
+            f"narrow for it) in every batch, CKA undefined (NaN): model A {short(und_a)}, model B {short(und_b)}",
             RuntimeWarning,
             stacklevel=3,
         )
     if part_a or part_b:
         warnings.warn(
             "constant or round-off-level representation in some batches, which count as 0: "
-            f"model A {part_a}, model B {part_b}",
+            f"model A {short(part_a)}, model B {short(part_b)}",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -39,7 +39,7 @@ from cka_geo.accumulator import CKAResult, MinibatchCKA
 from cka_geo.bootstrap import bootstrap_ratio
 from cka_geo.budget import CKAWorkload, batches_for, check_fits
 from cka_geo.checkpoints import LoadedCheckpoint, build_model, check_pair, load_checkpoint
-from cka_geo.errors import DataError, UsageError
+from cka_geo.errors import DataError, FeatureError, UsageError
 from cka_geo.features import capture, forward_batch, resolve_sublayers, sublayer_map
 from cka_geo.functional import DEFAULT_RBF_FRAC, check_kernel, min_samples
 from cka_geo.functional.precision import (
@@ -251,12 +251,14 @@ def run_cka(
     full_batch = opts.estimator == "biased"
     held_a: list[dict[str, torch.Tensor]] = []
     held_b: list[dict[str, torch.Tensor]] = []
+    time_series = False
     with (
         capture(model_pre, names, pooling=opts.pooling, apply=apply) as cap_pre,
         capture(model_ft, names, pooling=opts.pooling) as cap_ft,
         _progress(total, opts.progress) as bar,
     ):
         for x in batches:
+            time_series = time_series or x.ndim == 5
             with clock("forward"):
                 pre = forward_batch(model_pre, x, cap_pre, time_mode=opts.time_mode)
                 ft = forward_batch(model_ft, x, cap_ft, time_mode=opts.time_mode)
@@ -275,7 +277,12 @@ def run_cka(
                 {n: torch.cat([h[n] for h in held_a]) for n in held_a[0]},
                 {n: torch.cat([h[n] for h in held_b]) for n in held_b[0]},
             )
-        return acc.compute()
+        result = acc.compute()
+    # What was done, as the capture and the accumulator did it (not as asked): the results'
+    # settings are filled from this record.
+    result.extra["capture"] = {"pre": cap_pre.settings, "ft": cap_ft.settings}
+    result.extra["time_series"] = time_series
+    return result
 
 
 def check_memory(
@@ -514,6 +521,12 @@ def build_results(
 ) -> dict[str, Any]:
     """Assemble the JSON-serialisable results from the accumulator's result."""
     L = len(names)
+    captured = result.extra["capture"]
+    pooling = captured["pre"]["pooling"]
+    if captured["ft"]["pooling"] != pooling or captured["pre"]["sublayers"] != captured["ft"]["sublayers"]:
+        raise FeatureError(
+            f"the two models were captured differently (pooling {pooling!r} vs {captured['ft']['pooling']!r})"
+        )
     matrix = result.matrix[:, :L]
     diag = {n: _num(matrix[i, i]) for i, n in enumerate(names)}
     own = own_iv = None
@@ -545,23 +558,24 @@ def build_results(
         own = {n: _num(result.matrix[i, L + i]) for i, n in enumerate(names)}
         own_iv = intervals(list(range(L, 2 * L)))
     settings = {
-        "kernel": opts.kernel,
-        "rbf_frac": opts.rbf_frac if opts.kernel == "rbf" else None,
+        "kernel": result.kernel,
+        "rbf_frac": result.rbf_frac,
         "bandwidth_rule": "sigma = frac * sqrt(median squared distance over pairs i<j), per batch and layer"
-        if opts.kernel == "rbf"
+        if result.kernel == "rbf"
         else None,
-        "estimator": opts.estimator,
+        "estimator": result.estimator,
         "estimator_detail": "minibatch CKA with unbiased HSIC_1 (Nguyen et al. 2021, eq. 3)"
-        if opts.estimator == "unbiased"
+        if result.estimator == "unbiased"
         else "full-batch biased CKA (Kornblith et al. 2019)",
-        "pooling": opts.pooling,
+        "pooling": pooling,
+        "num_prefix_tokens": captured["pre"]["num_prefix_tokens"],
         "samples": result.samples,
         "samples_skipped": result.samples_skipped,
         "batch_size": opts.batch_size,
         "batches": len(result.batch_sizes),
         "seed": opts.seed,
         "data": data_desc,
-        "time_mode": opts.time_mode,
+        "time_mode": opts.time_mode if result.extra.get("time_series") else None,
         "device": str(device),
         "sublayers": list(opts.sublayers) if not opts.names else None,
         "bootstrap": opts.bootstrap if boot else 0,
