@@ -41,7 +41,7 @@ from cka_geo.budget import CKAWorkload, batches_for, check_fits
 from cka_geo.checkpoints import LoadedCheckpoint, build_model, check_pair, load_checkpoint
 from cka_geo.errors import DataError, FeatureError, UsageError
 from cka_geo.features import capture, forward_batch, resolve_sublayers, sublayer_map
-from cka_geo.functional import DEFAULT_RBF_FRAC, check_kernel, min_samples
+from cka_geo.functional import DEFAULT_RBF_FRAC, Estimator, Kernel, check_kernel, min_samples
 from cka_geo.functional.precision import (
     CONSTANT_TOL,
     CONSTANT_TOL_FLOAT64,
@@ -104,9 +104,9 @@ class CompareOptions:
     data: str | None = None
     sublayers: tuple[str, ...] = DEFAULT_SUBLAYERS
     names: tuple[str, ...] | None = None
-    kernel: str = "linear"
+    kernel: Kernel = "linear"
     rbf_frac: float = DEFAULT_RBF_FRAC
-    estimator: str = "unbiased"
+    estimator: Estimator = "unbiased"
     pooling: str = "mean"
     samples: int | None = None
     batch_size: int = 32

@@ -39,7 +39,7 @@ import contextlib
 import os
 import random
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -269,7 +269,7 @@ class CKAMonitor:
             out = out[:-1]
         return out
 
-    def _grams_of(self, model: nn.Module, keep: bool) -> Iterator[BatchGrams]:
+    def _grams_of(self, model: nn.Module, keep: bool) -> Generator[BatchGrams, None, None]:
         with capture(model, self.names, pooling=self.pooling) as cap:
             for x in self._probe_batches:
                 feats = forward_batch(model, x, cap, time_mode=self.time_mode).features

@@ -164,6 +164,8 @@ def select_bands(bands: int | Sequence[str] | None) -> tuple[str, ...]:
                 f"{int(bands)} bands"
             )
         return sel
+    if isinstance(bands, bool):
+        raise DataError(f"bands must be a band count or band names, got {bands!r}")
     if isinstance(bands, str):
         bands = [bands]
     names = tuple(str(b).upper() for b in bands)

@@ -200,9 +200,12 @@ class CKAMetric(Metric):
             return
         fa, _ = check_batch(fa, "A")
         fb = None if fb is None else check_batch(fb, "B")[0]
-        opts = {"kernel": self.kernel, "estimator": self.estimator, "rbf_frac": self.rbf_frac, "gram_dtype": self.gram_dtype}
-        ga = batch_grams(fa, **opts)
-        gb = None if fb is None else batch_grams(fb, **opts)
+        def grams(feats: dict[str, Tensor]) -> Any:
+            return batch_grams(feats, kernel=self.kernel, estimator=self.estimator, rbf_frac=self.rbf_frac,
+                               gram_dtype=self.gram_dtype)
+
+        ga = grams(fa)
+        gb = None if fb is None else grams(fb)
         terms = batch_terms(ga, gb, estimator=self.estimator, batch=int(self.batches) + 1)
         if self.names_a is None:
             self.names_a = list(ga.names)

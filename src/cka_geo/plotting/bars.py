@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -47,7 +47,7 @@ def _draw_bar_panel(
     bands: np.ndarray | None,
     title: str,
     label: str,
-) -> None:
+) -> bool:
     x, centres = _bar_positions(r)
     change = _snap(change)
     bands = _snap(bands) if bands is not None else None
@@ -90,9 +90,9 @@ def _draw_bar_panel(
             zorder=4,
         )
     nan_idx = np.flatnonzero(~np.isfinite(change))
-    for i in nan_idx:
+    for j in nan_idx:
         ax.text(
-            x[i],
+            x[j],
             0.01,
             "NaN",
             rotation=90,
@@ -154,7 +154,7 @@ def _draw_bar_panel(
             lo, hi = ax.get_ylim()
             ax.set_ylim(min(lo, 0.0), hi + 0.35 * (hi - min(lo, 0.0)))
     ax.set_title(title, loc="left")
-    max_labels = max(8, int(ax.figure.get_figwidth() * 4))
+    max_labels = max(8, int(cast("Figure", ax.figure).get_figwidth() * 4))
     step = max(1, math.ceil(len(centres) / max_labels))
     ax.set_xticks([c for c, _ in centres][::step], [lab for _, lab in centres][::step])
     ax.tick_params(axis="x", length=0)

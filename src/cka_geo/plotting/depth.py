@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -112,7 +112,7 @@ def _draw_depth(r: _Parsed, dpi: int) -> Figure:
         i = canonical[int(np.nanargmin(cka[canonical]))]
         _mark_extreme(
             ax,
-            float(r.blocks[i]),
+            float(cast("int", r.blocks[i])),
             float(cka[i]),  # type: ignore[arg-type]
             f"lowest: {r.layers[i]}",
             above=False,
@@ -170,7 +170,7 @@ def _draw_depth(r: _Parsed, dpi: int) -> Figure:
             y_mark = max(float(change[i]), CHANGE_FLOOR) if log_own else float(change[i])
             _mark_extreme(
                 ax,
-                float(r.blocks[i]),
+                float(cast("int", r.blocks[i])),
                 y_mark,  # type: ignore[arg-type]
                 f"largest: {r.layers[i]}",
                 above=True,

@@ -57,7 +57,7 @@ def _draw_matrix(r: _Parsed, dpi: int) -> Figure:
         ax.axvline(start, color="white", linewidth=0.6)
         ax.axhline(start, color="white", linewidth=0.6)
     for axis in (ax.xaxis, ax.yaxis):
-        axis.set_minor_locator(FixedLocator(np.arange(n) + 0.5))
+        axis.set_minor_locator(FixedLocator((np.arange(n) + 0.5).tolist()))
     within = _within_block(r)
     if n <= 16:  # few layers: name every sublayer
         labels = [
