@@ -11,9 +11,10 @@ and notes about how it was read. Order of attempts for pickle-based files:
    classes, ``argparse.Namespace``…) cannot be used, but the tensors can.
 3. With ``trust=True``: ``torch.load(weights_only=False)`` (arbitrary code may run).
 
-The loaded object is then walked once without recursion
-(:func:`cka_geo.walk.check_nesting`), which refuses, in one line naming the file, nesting
-too deep, a container that contains itself or one too large to walk.
+Before any of these, the pickle's opcodes are scanned without building anything
+(:mod:`cka_geo.checkpoints.pickle_scan`); after, the loaded object is walked once without
+recursion (:func:`cka_geo.walk.check_nesting`). Either refuses, in one line naming the file,
+a file nested too deeply, a container that contains itself or one too large to walk.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 
 from cka_geo import walk
+from cka_geo.checkpoints.pickle_scan import check_pickle_file
 from cka_geo.errors import CheckpointError
 
 SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
@@ -180,6 +182,7 @@ def _torch_load(path: Path, **kwargs: Any) -> Any:
 
 def read_pickled(path: Path, *, trust: bool) -> tuple[Any, list[str]]:
     """Load a torch.save / pickle file; see the module docstring for the order of attempts."""
+    check_pickle_file(path)
     notes: list[str] = []
     try:
         return _torch_load(path, weights_only=True), notes
