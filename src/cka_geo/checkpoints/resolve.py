@@ -33,10 +33,13 @@ from cka_geo.errors import CheckpointError
 
 #: (family, pattern of the fc1 weight of block i); the first pattern that matches a key wins.
 BLOCK_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("open_clip", re.compile(r"^(?P<p>.*?)transformer\.resblocks\.(?P<i>\d+)\.mlp\.c_fc\.weight$")),
-    ("croma", re.compile(r"^(?P<p>.*?)transformer\.layers\.(?P<i>\d+)\.1\.net\.0\.weight$")),
-    ("timm", re.compile(r"^(?P<p>.*?)blocks\.(?P<i>\d+)\.mlp\.fc1\.weight$")),
-    ("terramind", re.compile(r"^(?P<p>(?:.*\.)?)encoder\.(?P<i>\d+)\.mlp\.fc1\.weight$")),
+    (
+        "open_clip",
+        re.compile(r"^(?P<p>.*?)transformer\.resblocks\.(?P<i>\d{1,9})\.mlp\.c_fc\.weight$"),
+    ),
+    ("croma", re.compile(r"^(?P<p>.*?)transformer\.layers\.(?P<i>\d{1,9})\.1\.net\.0\.weight$")),
+    ("timm", re.compile(r"^(?P<p>.*?)blocks\.(?P<i>\d{1,9})\.mlp\.fc1\.weight$")),
+    ("terramind", re.compile(r"^(?P<p>(?:.*\.)?)encoder\.(?P<i>\d{1,9})\.mlp\.fc1\.weight$")),
 )
 DEPRIORITISED = ("decoder", "momentum", "student", "target")
 
