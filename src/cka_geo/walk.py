@@ -133,7 +133,7 @@ def walk(
             if strict and ident in on_path:
                 raise error(f"refers to itself: {describe_path(here, root_name)} contains itself")
             continue
-        if len(here) > depth_limit:
+        if len(here) >= depth_limit:  # the root is level 1
             if strict:
                 raise error(
                     f"nested deeper than {depth_limit} levels (at "
