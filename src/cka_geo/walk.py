@@ -196,7 +196,7 @@ def loads_json(
         raise
     except RecursionError:
         raise error(f"nested deeper than {MAX_DEPTH} levels: refused") from None
-    except ValueError as exc:  # an integer with more digits than int() converts
-        raise error(f"unreadable JSON ({' '.join(str(exc).split())[:120]})") from None
+    except ValueError:  # an integer with more digits than int() converts
+        raise error("unreadable JSON (a number with too many digits)") from None
     check_nesting(value, error=error, root_name=root_name)
     return value

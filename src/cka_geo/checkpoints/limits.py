@@ -40,18 +40,18 @@ MAX_HIDDEN = 16 * MAX_WIDTH
 MAX_ALIASING = 16
 """Most bytes the encoder's tensors may claim per byte of distinct data (tied weights)."""
 
-#: (config field, limit) for both families; a field a config lacks is skipped.
-_UPPER = (
-    ("img_size", MAX_IMG_SIZE),
-    ("image_size", MAX_IMG_SIZE),
-    ("patch_size", MAX_PATCH_SIZE),
-    ("embed_dim", MAX_WIDTH),
-    ("width", MAX_WIDTH),
-    ("depth", MAX_BLOCKS),
-    ("layers", MAX_BLOCKS),
-    ("in_chans", MAX_BANDS),
-    ("mlp_hidden_dim", MAX_HIDDEN),
-    ("output_dim", MAX_WIDTH),
+#: (config field, lowest, highest) for both families; a field a config lacks is skipped.
+_RANGES = (
+    ("img_size", 1, MAX_IMG_SIZE),
+    ("image_size", 1, MAX_IMG_SIZE),
+    ("patch_size", 1, MAX_PATCH_SIZE),
+    ("embed_dim", 1, MAX_WIDTH),
+    ("width", 1, MAX_WIDTH),
+    ("depth", 1, MAX_BLOCKS),
+    ("layers", 1, MAX_BLOCKS),
+    ("in_chans", 1, MAX_BANDS),
+    ("mlp_hidden_dim", 0, MAX_HIDDEN),
+    ("output_dim", 0, MAX_WIDTH),
 )
 
 
@@ -111,11 +111,10 @@ def config_from_dict(cls: type, data: Any) -> Any:
         raise CheckpointError(f"stored config has unknown keys {[str(k) for k in unknown][:5]}")
     for name, value in data.items():
         if not _fits(value, hints[name]):
-            shown = (
-                repr(value) if isinstance(value, (str, int, float, bool)) else type(value).__name__
-            )
+            scalar = isinstance(value, (str, int, float, bool))
+            shown = repr(value)[:60] if scalar else f"a {type(value).__name__}"
             raise CheckpointError(
-                f"stored config {name} is {shown[:60]}, expected {_hint_name(hints[name])}"
+                f"stored config {name} is {shown}, expected {_hint_name(hints[name])}"
             )
     try:
         config = cls(**data)
@@ -135,10 +134,10 @@ def check_config(config: Any, source: str) -> None:
     Raises:
         CheckpointError: A field beyond its limit.
     """
-    for name, limit in _UPPER:
+    for name, low, high in _RANGES:
         value = getattr(config, name, None)
         if value is not None:
-            bounded(value, 0, limit, f"{source} {name}")
+            bounded(value, low, high, f"{source} {name}")
     ratio = getattr(config, "mlp_ratio", None)
     if ratio is not None and not 0 < ratio * config.embed_dim <= MAX_HIDDEN:
         raise CheckpointError(
