@@ -28,7 +28,7 @@ import zipfile
 from pathlib import Path
 
 from cka_geo import walk
-from cka_geo.errors import CheckpointError
+from cka_geo.errors import CheckpointError, CkaGeoError
 
 MAX_PICKLE_BYTES = 256 * 2**20
 """Longest pickle stream scanned (256 MiB); longer ones are refused."""
@@ -227,60 +227,67 @@ def max_nesting(
         raise _Malformed("stack underflow") from None
 
 
-def _scan(data: bytes | mmap.mmap, path: Path, where: str, count: int = 1) -> None:
+def _scan(
+    data: bytes | mmap.mmap,
+    path: Path,
+    where: str,
+    error: type[CkaGeoError],
+    count: int = 1,
+) -> None:
     """Scan ``count`` pickles in a row, as torch reads them."""
     pos = 0
     for _ in range(count):
         try:
             _, pos = max_nesting(data, pos, walk.MAX_DEPTH)
         except _TooDeep:
-            raise CheckpointError(
+            raise error(
                 f"{path}: nested deeper than {walk.MAX_DEPTH} levels ({where}): refused"
             ) from None
         except _TooLong:
-            raise CheckpointError(
+            raise error(
                 f"{path}: pickle ({where}) longer than {MAX_PICKLE_BYTES} bytes: refused"
             ) from None
         except (_Malformed, ValueError, OverflowError) as exc:
-            raise CheckpointError(
-                f"{path}: corrupt or truncated checkpoint ({where}: {str(exc)[:80] or 'not a pickle'})"
+            raise error(
+                f"{path}: corrupt or truncated file ({where}: {str(exc)[:80] or 'not a pickle'})"
             ) from None
 
 
-def check_pickle_file(path: Path) -> None:
+def check_pickle_file(path: Path, error: type[CkaGeoError] = CheckpointError) -> None:
     """Refuse a torch/pickle file whose pickles nest too deeply, before loading it.
 
     Args:
         path: A ``torch.save`` zip (its ``*.pkl`` members are scanned) or a legacy or plain
             pickle file (the pickles at its start are scanned).
+        error: The error class raised (CheckpointError; DataError for probe arrays).
 
     Raises:
-        CheckpointError: One line naming the file.
+        CkaGeoError: ``error``, one line naming the file.
     """
     with path.open("rb") as f:
         if f.read(4) != b"PK\x03\x04":  # torch's own test for its zip format
             try:
                 data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             except (OSError, ValueError) as exc:
-                raise CheckpointError(f"{path}: cannot read ({exc})") from None
+                raise error(f"{path}: cannot read ({exc})") from None
             with data:
-                _scan(data, path, "pickle", _LEGACY_PICKLES)
+                _scan(data, path, "pickle", error, _LEGACY_PICKLES)
             return
     try:
         with zipfile.ZipFile(path) as archive:
             members = [i for i in archive.infolist() if i.filename.endswith(".pkl")]
             for info in members:
                 if info.file_size > MAX_PICKLE_BYTES:
-                    raise CheckpointError(
+                    raise error(
                         f"{path}: {info.filename} is {info.file_size} bytes, more than "
                         f"{MAX_PICKLE_BYTES}: refused"
                     )
             pickles = [(i.filename, archive.read(i.filename)) for i in members]
-    except CheckpointError:
+    except error:
         raise
     except Exception as exc:  # BadZipFile, zlib.error, OSError…
-        raise CheckpointError(f"{path}: corrupt zip archive ({str(exc)[:120]})") from None
+        raise error(f"{path}: corrupt zip archive ({str(exc)[:120]})") from None
     if not pickles:
-        raise CheckpointError(f"{path}: corrupt checkpoint (a zip archive without data.pkl)")
+        raise error(f"{path}: corrupt file (a zip archive without data.pkl)")
     for name, data in pickles:
-        _scan(data, path, name)
+        _scan(data, path, name, error)
