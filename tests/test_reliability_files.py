@@ -30,6 +30,7 @@ from cka_geo.checkpoints import load_checkpoint, save_checkpoint
 from cka_geo.checkpoints.limits import MAX_IMG_SIZE
 from cka_geo.checkpoints.pickle_scan import max_nesting
 from cka_geo.cli import main
+from cka_geo.data.folders import load_array_probes
 from cka_geo.errors import CheckpointError, DataError
 from cka_geo.plotting.results import SCHEMA, validate_results
 from cka_geo.vit import VisionTransformer, ViTConfig
@@ -378,6 +379,26 @@ def test_nesting_within_the_limit_still_loads(tmp_path):
     path = tsave(tmp_path / "deep.pt", {"state_dict": tiny_state_dict(), "cfg": nested})
     with pytest.raises(CheckpointError, match="nested deeper than 100 levels"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "build", "text"),
+    [
+        ("tuple_key.pt", lambda p: torch_zip(p, deep_tuple_key_pickle(1_000_000)), "nested deeper than 100 levels"),
+        ("expanded.pt", lambda p: tsave(p, torch.zeros(1, 1, 1, 1).expand(10**5, 3, 512, 512)), "claims more data than it holds"),
+    ],
+)
+def test_hostile_probe_array_through_compare(tmp_path, monkeypatch, capsys, name, build, text):
+    bad = build(tmp_path / name)
+    with pytest.raises(DataError, match=text) as info:
+        load_array_probes(bad)
+    one_line(str(info.value), bad)
+    good = save_checkpoint(tmp_path / "good.safetensors", tiny_state_dict(), CFG)
+    monkeypatch.chdir(tmp_path)
+    code = main(["compare", str(good), str(good), "--data", str(bad), "--no-figures", "-q"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("cka-geo: error:") and err.count("\n") == 1, err
+    assert "internal error" not in err and str(bad) in err
 
 
 # ---------------------------------------------------------------- results.json for `plot`
