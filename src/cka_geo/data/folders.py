@@ -409,7 +409,11 @@ def load_array_probes(
     if _suffix(path) != ".npy":
         from cka_geo.checkpoints.pickle_scan import check_pickle_file
 
-        check_pickle_file(path, DataError)  # a hostile pickle can crash the unpickler
+        try:  # a hostile pickle can crash the unpickler: look at it first
+            check_pickle_file(path, DataError)
+        except DataError as exc:
+            reason = str(exc).removeprefix(f"{path}: ")
+            raise DataError(f"{path}: cannot read: {reason}") from None
     try:
         if _suffix(path) == ".npy":
             arr: Any = np.load(path, mmap_mode="r", allow_pickle=False)
