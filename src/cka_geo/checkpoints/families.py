@@ -58,8 +58,9 @@ def check_keys(family: str, config: Any, sd: dict[str, torch.Tensor]) -> None:
             f"encoder lacks {len(missing)} key(s) the inferred model needs, first {missing[0]!r}"
         )
     if unexpected:
+        first = unexpected[0] if len(unexpected[0]) <= 80 else unexpected[0][:79] + "…"
         raise CheckpointError(
-            f"encoder has {len(unexpected)} key(s) the inferred model does not know, first {unexpected[0]!r}"
+            f"encoder has {len(unexpected)} key(s) the inferred model does not know, first {first!r}"
         )
     for k, shape in expected.items():
         if tuple(sd[k].shape) != shape:

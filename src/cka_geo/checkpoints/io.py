@@ -10,11 +10,15 @@ and notes about how it was read. Order of attempts for pickle-based files:
    imported). The placeholders are reported; their entries (Lightning ``hyper_parameters``
    classes, ``argparse.Namespace``…) cannot be used, but the tensors can.
 3. With ``trust=True``: ``torch.load(weights_only=False)`` (arbitrary code may run).
+
+Before any of these, the pickle's opcodes are scanned without building anything
+(:mod:`cka_geo.checkpoints.pickle_scan`); after, the loaded object is walked once without
+recursion (:func:`cka_geo.walk.check_nesting`). Either refuses, in one line naming the file,
+a file nested too deeply, a container that contains itself or one too large to walk.
 """
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 import warnings
@@ -24,6 +28,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from cka_geo import walk
+from cka_geo.checkpoints.pickle_scan import check_pickle_file
 from cka_geo.errors import CheckpointError
 
 SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
@@ -88,14 +94,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     allowed: ClassVar[dict[str, Any]] = {}
     blocked: ClassVar[list[str]] = []
+    placeholders: ClassVar[dict[str, type]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         full = f"{module}.{name}"
         if full in self.allowed:
             return self.allowed[full]
-        if full not in self.blocked:
+        if full not in self.placeholders:  # one class per name, however often it recurs
             self.blocked.append(full)
-        return type(name, (Unreadable,), {"global_name": full})
+            self.placeholders[full] = type(name, (Unreadable,), {"global_name": full})
+        return self.placeholders[full]
 
 
 def _restricted_pickle_module(blocked: list[str]) -> SimpleNamespace:
@@ -106,6 +114,7 @@ def _restricted_pickle_module(blocked: list[str]) -> SimpleNamespace:
 
     Unpickler.allowed = allowed
     Unpickler.blocked = blocked
+    Unpickler.placeholders = {}
 
     def load(file: Any, **kwargs: Any) -> Any:
         return Unpickler(file, **kwargs).load()
@@ -173,6 +182,7 @@ def _torch_load(path: Path, **kwargs: Any) -> Any:
 
 def read_pickled(path: Path, *, trust: bool) -> tuple[Any, list[str]]:
     """Load a torch.save / pickle file; see the module docstring for the order of attempts."""
+    check_pickle_file(path)
     notes: list[str] = []
     try:
         return _torch_load(path, weights_only=True), notes
@@ -237,35 +247,55 @@ def read_checkpoint_file(
 
     Raises:
         CheckpointError: A one-line message naming the file: missing, directory, empty,
-            unknown suffix, corrupt or truncated, or refused (naming the blocking globals).
+            unknown suffix, corrupt or truncated, refused (naming the blocking globals),
+            nested too deeply, containing itself, or too large to walk.
     """
     check_path(path)
     if checkpoint_suffix(path) == ".safetensors":
         tensors, metadata = read_safetensors(path)
         return tensors, metadata, []
     obj, notes = read_pickled(path, trust=trust)
+    try:
+        walk.check_nesting(obj, error=CheckpointError)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     return obj, None, notes
 
 
-def find_unreadable(obj: Any, path: str = "ckpt", depth: int = 0) -> list[str]:
-    """Where placeholders for blocked globals sit in a loaded object, e.g. ``ckpt['hyper_parameters']``."""
+def _unreadable_items(node: Any) -> Any:
+    """Children for :func:`find_unreadable`: containers, but not inside placeholders."""
+    return None if isinstance(node, Unreadable) else walk.container_items(node)
+
+
+def find_unreadable(obj: Any) -> list[str]:
+    """Where placeholders for blocked globals sit in a loaded object, e.g. ``ckpt['hyper_parameters']``.
+
+    Looks four levels deep at most (through dicts, lists and tuples), each container once.
+    """
     if isinstance(obj, Unreadable):
-        return [f"{path} ({obj.global_name})"]
-    found: list[str] = []
-    if depth < 4 and isinstance(obj, dict):
-        for key, value in obj.items():
-            found += find_unreadable(value, f"{path}[{key!r}]", depth + 1)
-    elif depth < 4 and isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            found += find_unreadable(value, f"{path}[{i}]", depth + 1)
-    return found
+        return [f"ckpt ({obj.global_name})"]
+    return [
+        f"ckpt{''.join(f'[{k!r}]' for k in path)} ({value.global_name})"
+        for path, value in walk.walk(obj, _unreadable_items, stop_at=4, error=CheckpointError)
+        if isinstance(value, Unreadable)
+    ]
 
 
 def json_metadata(metadata: dict[str, str] | None, key: str) -> Any:
-    """A JSON value stored under ``key`` in safetensors metadata, or None."""
+    """A JSON value stored under ``key`` in safetensors metadata, or None when absent.
+
+    Raises:
+        CheckpointError: The value is not a string of valid JSON, is too long, or nests
+            deeper than :data:`cka_geo.walk.MAX_DEPTH` (no file named: callers add it).
+    """
     if not metadata or key not in metadata:
         return None
+    text = metadata[key]
+    if not isinstance(text, str):
+        raise CheckpointError(f"metadata {key!r} is a {type(text).__name__}, not a JSON string")
     try:
-        return json.loads(metadata[key])
-    except json.JSONDecodeError:
-        return None
+        return walk.loads_json(text, error=CheckpointError, root_name=f"metadata[{key!r}]")
+    except CheckpointError as exc:
+        raise CheckpointError(f"metadata {key!r}: {exc}") from None
+    except ValueError as exc:  # json.JSONDecodeError
+        raise CheckpointError(f"metadata {key!r} is not valid JSON ({_one_line(exc)})") from None

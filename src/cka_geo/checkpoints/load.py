@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cka_geo.checkpoints import infer, resolve, terramind
+from cka_geo.checkpoints import infer, limits, resolve, terramind
 from cka_geo.checkpoints.families import FAMILIES, UNSUPPORTED, check_keys, instantiate
 from cka_geo.checkpoints.io import (
     BLOCKED_NOTE,
@@ -88,9 +88,18 @@ def _split_head(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _from_project_file(
     obj: Any, metadata: dict[str, str] | None
 ) -> tuple[str, Any, dict, dict] | None:
-    """(family, config, state dict, extra) of a file save_checkpoint wrote, else None."""
+    """(family, config, state dict, extra) of a file save_checkpoint wrote, else None.
+
+    Everything stored is checked before use: the marker, the family, the config (types and
+    limits, :func:`~cka_geo.checkpoints.limits.config_from_dict`), the extra entries and
+    the state dict (str keys, tensors).
+    """
     meta = json_metadata(metadata, MARKER)
-    if isinstance(meta, dict) and "config" in meta:
+    if meta is not None:
+        if not isinstance(meta, dict) or "config" not in meta:
+            raise CheckpointError(
+                f"metadata {MARKER!r} is not a cka-geo record (an object with a 'config')"
+            )
         family, cfg, sd, extra = (
             meta.get("family", "timm"),
             meta["config"],
@@ -107,9 +116,20 @@ def _from_project_file(
         extra = {k: v for k, v in obj.items() if k not in ("state_dict", "config", MARKER)}
     else:
         return None
-    if family not in FAMILIES:
-        raise CheckpointError(f"written by cka-geo with an unknown family {family!r}")
-    return family, FAMILIES[family][0].from_dict(cfg), dict(sd), extra
+    if not isinstance(family, str) or family not in FAMILIES:
+        shown = repr(family)[:40] if isinstance(family, str) else f"a {type(family).__name__}"
+        raise CheckpointError(f"written by cka-geo with an unknown family {shown}")
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"stored extra is a {type(extra).__name__}, not an object")
+    bad = next(
+        (k for k, v in sd.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))), None
+    )
+    if bad is not None:
+        what = type(sd[bad]).__name__
+        raise CheckpointError(
+            f"stored state_dict entry {str(bad)[:80]!r} is a {what}, not a tensor"
+        )
+    return family, limits.config_from_dict(FAMILIES[family][0], cfg), dict(sd), extra
 
 
 def load_checkpoint(
@@ -176,6 +196,7 @@ def _resolve(
         if num_heads is not None and num_heads != stored:
             notes.append(f"num_heads={num_heads} as given (file says {stored})")
             config = dataclasses.replace(config, **{field_name: num_heads})
+        limits.check_tensor_data(sd)
         head = _split_head(sd) if family == "timm" else {}
         notes.append("written by cka-geo: config read from the file, nothing inferred")
         build_cfg = dataclasses.replace(config, num_classes=0) if family == "timm" else config
@@ -228,6 +249,9 @@ def _resolve(
             sd[rel] = value
         else:
             ignored.append(key)
+    limits.check_tensor_data(
+        {**sd, **{k: flat.tensors[k] for k in ignored if k.startswith(f"{chosen.prefix}head.")}}
+    )
     if chosen.family == "terramind":
         used, modality = terramind.to_timm(sd, notes)
         ignored += [

@@ -28,14 +28,18 @@ from typing import Any
 
 import torch
 
+from cka_geo import walk
 from cka_geo.errors import CheckpointError
 
 #: (family, pattern of the fc1 weight of block i); the first pattern that matches a key wins.
 BLOCK_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("open_clip", re.compile(r"^(?P<p>.*?)transformer\.resblocks\.(?P<i>\d+)\.mlp\.c_fc\.weight$")),
-    ("croma", re.compile(r"^(?P<p>.*?)transformer\.layers\.(?P<i>\d+)\.1\.net\.0\.weight$")),
-    ("timm", re.compile(r"^(?P<p>.*?)blocks\.(?P<i>\d+)\.mlp\.fc1\.weight$")),
-    ("terramind", re.compile(r"^(?P<p>(?:.*\.)?)encoder\.(?P<i>\d+)\.mlp\.fc1\.weight$")),
+    (
+        "open_clip",
+        re.compile(r"^(?P<p>.*?)transformer\.resblocks\.(?P<i>\d{1,9})\.mlp\.c_fc\.weight$"),
+    ),
+    ("croma", re.compile(r"^(?P<p>.*?)transformer\.layers\.(?P<i>\d{1,9})\.1\.net\.0\.weight$")),
+    ("timm", re.compile(r"^(?P<p>.*?)blocks\.(?P<i>\d{1,9})\.mlp\.fc1\.weight$")),
+    ("terramind", re.compile(r"^(?P<p>(?:.*\.)?)encoder\.(?P<i>\d{1,9})\.mlp\.fc1\.weight$")),
 )
 DEPRIORITISED = ("decoder", "momentum", "student", "target")
 
@@ -70,32 +74,41 @@ class Flat:
     others: dict[str, Any]
 
 
+def _flatten_items(node: Any) -> Any:
+    """Children for :func:`flatten`: a dict's items; a pickled module's parameters, buffers
+    and submodules (under the module's own path); None for anything else (a leaf)."""
+    if _module_like(node):
+        buffers = node.get("_buffers")
+        items = list(node["_parameters"].items())
+        if isinstance(buffers, dict):
+            items += buffers.items()
+        return items + [(k, v) for k, v in node["_modules"].items() if isinstance(v, dict)]
+    return node.items() if isinstance(node, dict) else None
+
+
 def flatten(obj: Any) -> Flat:
-    """Flatten nested dicts of tensors; non-tensor leaves are kept apart in ``others``."""
-    flat = Flat({}, set(), {})
+    """Flatten nested dicts of tensors; non-tensor leaves are kept apart in ``others``.
 
-    def walk(node: Any, path: tuple[str, ...]) -> None:
-        if _module_like(node):  # a pickled nn.Module read without running it
-            walk({**node["_parameters"], **node.get("_buffers", {})}, path)
-            for name, child in node["_modules"].items():
-                if isinstance(child, dict):
-                    walk(child, (*path, str(name)))
-            return
-        for key, value in node.items():
-            sub = (*path, str(key))
-            if isinstance(value, torch.Tensor):
-                flat.tensors[".".join(sub)] = value
-            elif isinstance(value, dict):
-                flat.containers.add(sub)
-                walk(value, sub)
-            else:
-                flat.others[".".join(sub)] = value
-
+    Goes through :func:`cka_geo.walk.walk`: no recursion, each dict read once (a dict
+    shared by several entries is read under its first path only), within the walk's budget.
+    """
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, dict):
         raise CheckpointError(f"holds a {type(obj).__name__}, not a dict of tensors")
-    walk(obj, ())
+    flat = Flat({}, set(), {})
+    modules: set[tuple[Any, ...]] = {()} if _module_like(obj) else set()
+    for path, value in walk.walk(obj, _flatten_items, error=CheckpointError):
+        key = ".".join(str(k) for k in path)
+        if isinstance(value, torch.Tensor):
+            flat.tensors[key] = value
+        elif isinstance(value, dict):
+            if _module_like(value):
+                modules.add(path)
+            if path[:-1] not in modules:
+                flat.containers.add(tuple(str(k) for k in path))
+        else:
+            flat.others[key] = value
     return flat
 
 
@@ -188,28 +201,25 @@ def summarise_keys(keys: list[str], limit: int = 6) -> str:
     return ", ".join(parts)
 
 
+def _hparam_items(node: Any) -> Any:
+    """Children for :func:`find_hparam`: dict items and the attributes of plain objects."""
+    if isinstance(node, dict):
+        return node.items()
+    if hasattr(node, "__dict__") and not isinstance(node, type) and isinstance(vars(node), dict):
+        return vars(node).items()
+    return None
+
+
 def find_hparam(others: dict[str, Any], names: tuple[str, ...]) -> tuple[int, str] | None:
-    """A unique integer stored under one of ``names`` in non-tensor entries (or Unreadable items)."""
+    """A unique integer stored under one of ``names`` in non-tensor entries (or Unreadable items).
+
+    Looks six levels below each entry of ``others`` at most, each container once.
+    """
     hits: dict[int, str] = {}
-
-    def walk(node: Any, path: str, depth: int) -> None:
-        if depth > 5:
-            return
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if k in names and isinstance(v, int) and not isinstance(v, bool):
-                    hits.setdefault(v, f"{path}.{k}")
-                else:
-                    walk(v, f"{path}.{k}", depth + 1)
-        elif hasattr(node, "__dict__") and not isinstance(node, type):
-            walk(vars(node), path, depth + 1)
-
-    for key, value in others.items():
-        last = key.split(".")[-1]
+    for path, value in walk.walk(others, _hparam_items, stop_at=7, error=CheckpointError):
+        last = str(path[-1]).split(".")[-1]
         if last in names and isinstance(value, int) and not isinstance(value, bool):
-            hits.setdefault(value, key)
-        else:
-            walk(value, key, 0)
+            hits.setdefault(value, ".".join(str(k) for k in path))
     if len(hits) == 1:
         value, where = next(iter(hits.items()))
         return value, where

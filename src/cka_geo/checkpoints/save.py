@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cka_geo import walk
 from cka_geo.atomic import atomic_path
 from cka_geo.checkpoints.families import family_of_config
 from cka_geo.errors import UsageError
@@ -21,23 +22,28 @@ _RESERVED = ("state_dict", "config", MARKER)
 
 
 def _plain(value: Any, where: str) -> None:
-    """Refuse values a weights-only load could not read back."""
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
-        return
-    if isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _plain(v, f"{where}[{i}]")
-        return
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, (str, int)):
-                raise UsageError(f"save_checkpoint: key {k!r} in {where} is not a str or int")
-            _plain(v, f"{where}[{k!r}]")
-        return
-    raise UsageError(
-        f"save_checkpoint: {where} is a {type(value).__name__}; extra may hold only tensors, "
-        "numbers, strings, None, lists and dicts (so that the file loads without pickle)"
-    )
+    """Refuse values a weights-only load could not read back (and nesting it would refuse)."""
+    leaves = (bool, int, float, str, torch.Tensor, list, tuple, dict)
+    try:
+        entries = [((), value), *walk.walk(value, strict=True, error=UsageError, root_name=where)]
+    except UsageError as exc:
+        raise UsageError(f"save_checkpoint: {exc}") from None
+    for path, v in entries:
+        if v is not None and not isinstance(v, leaves):
+            raise UsageError(
+                f"save_checkpoint: {walk.describe_path(path, where)} is a {type(v).__name__}; "
+                "extra may hold only tensors, numbers, strings, None, lists and dicts (so that "
+                "the file loads without pickle)"
+            )
+        bad = (
+            next((k for k in v if not isinstance(k, (str, int))), None)
+            if isinstance(v, dict)
+            else None
+        )
+        if bad is not None:
+            raise UsageError(
+                f"save_checkpoint: key {bad!r} in {walk.describe_path(path, where)} is not a str or int"
+            )
 
 
 def save_checkpoint(

@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from cka_geo.checkpoints.limits import MAX_PATCH_SIZE, bounded
 from cka_geo.errors import CheckpointError
 
 PREFERRED = ("untok_sen2l1c", "untok_sen2l2a")
@@ -69,16 +70,29 @@ def to_timm(sd: dict[str, torch.Tensor], notes: list[str]) -> tuple[dict[str, to
     pos = sd[f"{base}pos_emb"]
     if pos.ndim == 4:  # (1, D, h, w) layout of some 4M versions
         pos = pos.flatten(2).transpose(1, 2)
+    if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[1] < 1:
+        raise CheckpointError(f"TerraMind: {base}pos_emb has unexpected shape {tuple(pos.shape)}")
     grid = math.isqrt(pos.shape[1])
     if grid * grid != pos.shape[1]:
         raise CheckpointError(
             f"TerraMind: {base}pos_emb has {pos.shape[1]} positions, not a square grid"
         )
     patch = DEFAULT_PATCH
-    if "@" in mod and mod.rsplit("@", 1)[1].isdigit() and int(mod.rsplit("@", 1)[1]) % grid == 0:
-        patch = int(mod.rsplit("@", 1)[1]) // grid
+    size = mod.rsplit("@", 1)[1] if "@" in mod else ""
+    if size.isdigit() and len(size) <= 6 and int(size) % grid == 0 and int(size) >= grid:
+        patch = int(size) // grid
+    bounded(patch, 1, MAX_PATCH_SIZE, f"TerraMind: the patch size of {mod!r}")
     w = sd[f"{base}proj.weight"]
+    if w.ndim != 2 or tuple(pos.shape[2:]) != (w.shape[0],):
+        raise CheckpointError(
+            f"TerraMind: {base}proj.weight {tuple(w.shape)} does not fit pos_emb {tuple(pos.shape)}"
+        )
     width, flat = w.shape
+    mod_emb = sd.get(f"{base}mod_emb")
+    if mod_emb is not None and tuple(mod_emb.shape) != (1, 1, width):
+        raise CheckpointError(
+            f"TerraMind: {base}mod_emb has shape {tuple(mod_emb.shape)}, expected (1, 1, {width})"
+        )
     if flat % (patch * patch):
         raise CheckpointError(
             f"TerraMind: {base}proj.weight {tuple(w.shape)} does not factor into bands × {patch}²"
@@ -89,7 +103,8 @@ def to_timm(sd: dict[str, torch.Tensor], notes: list[str]) -> tuple[dict[str, to
         .permute(0, 3, 1, 2)
         .contiguous(),
         "patch_embed.proj.bias": torch.zeros(width, dtype=w.dtype),
-        "pos_embed": pos + sd.get(f"{base}mod_emb", torch.zeros(1, 1, width, dtype=pos.dtype)),
+        "pos_embed": pos
+        + (mod_emb if mod_emb is not None else torch.zeros(1, 1, width, dtype=pos.dtype)),
     }
     for key, value in sd.items():
         if key.startswith("encoder.") and key[len("encoder.") :].split(".")[0].isdigit():

@@ -252,6 +252,14 @@ def load_array_probes(
     _check_suffix(path, ARRAY_SUFFIXES)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    if _suffix(path) != ".npy":
+        from cka_geo.checkpoints.pickle_scan import check_pickle_file
+
+        try:  # a hostile pickle can crash the unpickler: look at it first
+            check_pickle_file(path, DataError)
+        except DataError as exc:
+            reason = str(exc).removeprefix(f"{path}: ")
+            raise DataError(f"{path}: cannot read: {reason}") from None
     try:
         if _suffix(path) == ".npy":
             arr: Any = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -269,6 +277,13 @@ def load_array_probes(
             raise DataError(f"{path}: dict without an 'images' tensor ({len(tensors)} tensors)")
     if not isinstance(arr, (np.ndarray, torch.Tensor)):
         raise DataError(f"{path}: holds {type(arr).__name__}, expected an array (N, C, H, W)")
+    if isinstance(arr, torch.Tensor) and (
+        arr.layout != torch.strided
+        or arr.numel() * arr.element_size() > arr.untyped_storage().nbytes()
+    ):
+        raise DataError(
+            f"{path}: a tensor of shape {tuple(arr.shape)} claims more data than it holds"
+        )
     shape = tuple(arr.shape)
     if len(shape) != 4 and not (time_series and len(shape) == 5):
         want = "(N, C, H, W) or (N, T, C, H, W)" if time_series else "(N, C, H, W)"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cka_geo import walk
 from cka_geo.data.readers import (
     _as_stats,
     _one_line,
@@ -88,7 +88,7 @@ class PastisLike(Dataset):
         if not meta_path.is_file():
             raise DataError(f"{self.root}: no metadata.geojson (PASTIS-like layout)")
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            meta = walk.loads_json(meta_path.read_text(encoding="utf-8"), root_name="metadata")
             feats = [f["properties"] for f in meta["features"]]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{meta_path}: cannot read: {_one_line(exc)}") from exc
@@ -103,18 +103,22 @@ class PastisLike(Dataset):
                 ) from exc
             if folds is None or fold in set(folds):
                 dates = props.get("dates-S2", {})
-                if isinstance(dates, str):
-                    dates = json.loads(dates)
+                try:
+                    if isinstance(dates, str):
+                        dates = walk.loads_json(dates, root_name="dates-S2")
+                    dates = {int(k): int(v) for k, v in (dates or {}).items()}
+                except (ValueError, TypeError, AttributeError) as exc:
+                    raise DataError(
+                        f"{meta_path}: patch {pid}: dates-S2 is not an object of "
+                        f"index -> date: {_one_line(exc)}"
+                    ) from exc
                 patches.append((pid, fold, dates))
         patches.sort(key=lambda t: t[0])
         if not patches:
             raise DataError(f"{meta_path}: no patch in folds {list(folds or [])}")
         self.patch_ids = [p[0] for p in patches]
         self.folds = [p[1] for p in patches]
-        self._dates = [
-            [int(v) for _, v in sorted(d.items(), key=lambda kv: int(kv[0]))] if d else []
-            for _, _, d in patches
-        ]
+        self._dates = [[v for _, v in sorted(d.items())] if d else [] for _, _, d in patches]
         for pid in self.patch_ids:
             for path in (self._data_path(pid), self._target_path(pid)):
                 if not path.is_file():

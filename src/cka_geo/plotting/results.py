@@ -13,13 +13,24 @@ from typing import Any
 
 import numpy as np
 
+from cka_geo import walk
 from cka_geo.errors import DataError, UsageError
 
 SCHEMA = "cka-geo/compare/v1"
 """The ``schema`` value of a results file this module reads."""
 
-_NAME_RE = re.compile(r"^blocks\.(\d+)(?:\.(attn|mlp\.fc1|mlp\.act|mlp\.fc2))?$")
+_NAME_RE = re.compile(r"^blocks\.(\d{1,9})(?:\.(attn|mlp\.fc1|mlp\.act|mlp\.fc2))?$")
 _SUFFIX_TYPE = {None: "block", "attn": "attn", "mlp.fc1": "fc1", "mlp.act": "act", "mlp.fc2": "fc2"}
+#: Types of the ``settings`` and ``summary`` entries the figures use (None always allowed).
+_SETTING_TYPES: dict[str, tuple[type, ...]] = {
+    "kernel": (str,),
+    "estimator": (str,),
+    "pooling": (str,),
+    "rbf_frac": (int, float),
+    "confidence": (int, float),
+    "samples": (int,),
+}
+_SUMMARY_TYPES: dict[str, tuple[type, ...]] = {"identical": (bool,)}
 
 
 @dataclass(frozen=True)
@@ -46,13 +57,23 @@ class _Parsed:
         return len({b for b in self.blocks if b is not None}) or 1
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a file's values can be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _number(value: Any, where: str, source: str) -> float:
     """A float from a JSON value (``None`` is NaN); a one-line DataError otherwise."""
     if value is None:
         return math.nan
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DataError(f"{source}: {where} is {value!r}, expected a number or null")
-    return float(value)
+        shown = _short(value) if isinstance(value, str) else f"a {type(value).__name__}"
+        raise DataError(f"{source}: {where} is {shown}, expected a number or null")
+    try:
+        return float(value)
+    except OverflowError:
+        raise DataError(f"{source}: {where} is an integer too large for a float") from None
 
 
 def _per_layer(mapping: Any, layers: Sequence[str], key: str, source: str) -> np.ndarray | None:
@@ -63,7 +84,7 @@ def _per_layer(mapping: Any, layers: Sequence[str], key: str, source: str) -> np
         raise DataError(f"{source}: '{key}' must be an object of layer -> value")
     unknown = sorted(set(mapping) - set(layers))
     if unknown:
-        raise DataError(f"{source}: '{key}' names {unknown[0]!r}, which is not in 'layers'")
+        raise DataError(f"{source}: '{key}' names {_short(unknown[0])}, which is not in 'layers'")
     return np.array(
         [_number(mapping.get(name), f"{key}[{name!r}]", source) for name in layers], dtype=float
     )
@@ -79,16 +100,42 @@ def _per_layer_intervals(
         raise DataError(f"{source}: '{key}' must be an object of layer -> [lo, hi]")
     unknown = sorted(set(mapping) - set(layers))
     if unknown:
-        raise DataError(f"{source}: '{key}' names {unknown[0]!r}, which is not in 'layers'")
+        raise DataError(f"{source}: '{key}' names {_short(unknown[0])}, which is not in 'layers'")
     out = np.full((len(layers), 2), np.nan)
     for i, name in enumerate(layers):
         pair = mapping.get(name)
         if pair is None:
             continue
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise DataError(f"{source}: {key}[{name!r}] is {pair!r}, expected [lo, hi] or null")
+            raise DataError(
+                f"{source}: {key}[{name!r}] is {_short(pair)}, expected [lo, hi] or null"
+            )
         out[i] = [_number(v, f"{key}[{name!r}]", source) for v in pair]
     return out
+
+
+def _typed_entries(
+    mapping: Any, key: str, types: dict[str, tuple[type, ...]], source: str
+) -> dict[str, Any]:
+    """``mapping`` as a dict (``{}`` if absent or null) whose entries in ``types`` have
+    those types or are null; a one-line DataError otherwise."""
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, Mapping):
+        raise DataError(f"{source}: '{key}' must be an object, got {type(mapping).__name__}")
+    for name, allowed in types.items():
+        value = mapping.get(name)
+        if value is None:
+            continue
+        numeric = bool not in allowed and isinstance(value, bool)
+        if numeric or not isinstance(value, allowed):
+            expected = " or ".join(t.__name__ for t in allowed)
+            raise DataError(
+                f"{source}: {key}[{name!r}] is a {type(value).__name__}, expected {expected} or null"
+            )
+        if float in allowed and not math.isfinite(_number(value, f"{key}[{name!r}]", source)):
+            raise DataError(f"{source}: {key}[{name!r}] is {value}, expected a finite number")
+    return dict(mapping)
 
 
 def _parse(results: Any, source: str = "results") -> _Parsed:
@@ -97,7 +144,7 @@ def _parse(results: Any, source: str = "results") -> _Parsed:
         raise DataError(f"{source}: expected a JSON object, got {type(results).__name__}")
     schema = results.get("schema")
     if schema != SCHEMA:
-        raise DataError(f"{source}: schema is {schema!r}, expected {SCHEMA!r}")
+        raise DataError(f"{source}: schema is {_short(schema)}, expected {SCHEMA!r}")
     layers = results.get("layers")
     if (
         not isinstance(layers, list)
@@ -105,9 +152,11 @@ def _parse(results: Any, source: str = "results") -> _Parsed:
         or not all(isinstance(name, str) for name in layers)
     ):
         raise DataError(f"{source}: 'layers' must be a non-empty list of layer names")
-    if len(set(layers)) != len(layers):
-        dup = next(name for name in layers if layers.count(name) > 1)
-        raise DataError(f"{source}: layer {dup!r} appears twice in 'layers'")
+    seen: set[str] = set()
+    for name in layers:
+        if name in seen:
+            raise DataError(f"{source}: layer {_short(name)} appears twice in 'layers'")
+        seen.add(name)
     n = len(layers)
     rows = results.get("matrix")
     if not isinstance(rows, list) or len(rows) != n:
@@ -139,8 +188,8 @@ def _parse(results: Any, source: str = "results") -> _Parsed:
         m = _NAME_RE.match(name)
         blocks.append(int(m.group(1)) if m else None)
         types.append(_SUFFIX_TYPE[m.group(2)] if m else "other")
-    settings = results.get("settings")
-    summary = results.get("summary")
+    settings = _typed_entries(results.get("settings"), "settings", _SETTING_TYPES, source)
+    summary = _typed_entries(results.get("summary"), "summary", _SUMMARY_TYPES, source)
     return _Parsed(
         layers=list(layers),
         matrix=matrix,
@@ -150,8 +199,8 @@ def _parse(results: Any, source: str = "results") -> _Parsed:
         own_intervals=own_intervals,
         blocks=blocks,
         types=types,
-        settings=dict(settings) if isinstance(settings, Mapping) else {},
-        summary=dict(summary) if isinstance(summary, Mapping) else {},
+        settings=settings,
+        summary=summary,
     )
 
 
@@ -180,8 +229,10 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     Raises:
         UsageError: The path does not exist or is a directory.
-        DataError: The file is not valid UTF-8 JSON, or not a ``cka-geo/compare/v1`` result
-            (wrong schema, matrix shape not matching the layers, non-numeric entries).
+        DataError: The file is not valid UTF-8 JSON, is larger than
+            :data:`cka_geo.walk.MAX_JSON_CHARS` bytes, nests deeper than
+            :data:`cka_geo.walk.MAX_DEPTH` levels, or is not a ``cka-geo/compare/v1`` result
+            (wrong schema, matrix shape not matching the layers, wrong-typed entries).
     """
     p = Path(path)
     if not p.exists():
@@ -189,16 +240,23 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     if p.is_dir():
         raise UsageError(f"{p}: is a directory, expected a results.json file")
     try:
+        size = p.stat().st_size
+        if size > walk.MAX_JSON_CHARS:
+            raise DataError(
+                f"{p}: {size} bytes, more than {walk.MAX_JSON_CHARS}: not a results file"
+            )
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{p}: not a UTF-8 JSON file ({exc.reason})") from None
     except OSError as exc:
         raise DataError(f"{p}: cannot read ({exc.strerror or exc})") from None
     try:
-        results = json.loads(text)
+        results = walk.loads_json(text, error=DataError, root_name="results")
     except json.JSONDecodeError as exc:
         raise DataError(
             f"{p}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
         ) from None
+    except DataError as exc:
+        raise DataError(f"{p}: {exc}") from None
     _parse(results, str(p))
     return results
