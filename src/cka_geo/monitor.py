@@ -22,7 +22,7 @@ that do not isolate their callbacks themselves.
 
 Example:
     >>> import copy, torch
-    >>> from cka_geo.vit import ViTConfig, VisionTransformer
+    >>> from cka_geo.models.vit import ViTConfig, VisionTransformer
     >>> model = VisionTransformer(ViTConfig(img_size=16, patch_size=4, in_chans=3,
     ...                                     embed_dim=32, depth=2, num_heads=2))
     >>> mon = CKAMonitor(copy.deepcopy(model), torch.randn(16, 3, 16, 16),

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from cka_geo.errors import CheckpointError
-from cka_geo.openclip import OpenClipVisionConfig, OpenClipVisionTransformer
-from cka_geo.vit import VisionTransformer, ViTConfig
+from cka_geo.models.openclip import OpenClipVisionConfig, OpenClipVisionTransformer
+from cka_geo.models.vit import VisionTransformer, ViTConfig
 
 #: family -> (config class, model class)
 FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {

@@ -25,8 +25,8 @@ from cka_geo.checkpoints.limits import (
     check_config,
 )
 from cka_geo.errors import CheckpointError
-from cka_geo.openclip import OpenClipVisionConfig
-from cka_geo.vit import ViTConfig
+from cka_geo.models.openclip import OpenClipVisionConfig
+from cka_geo.models.vit import ViTConfig
 
 DEFAULT_IMG_SIZE = 224
 

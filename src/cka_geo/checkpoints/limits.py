@@ -92,7 +92,7 @@ def config_from_dict(cls: type, data: Any) -> Any:
     """A config of class ``cls`` from a dict read from a file, every field checked.
 
     Args:
-        cls: :class:`~cka_geo.vit.ViTConfig` or :class:`~cka_geo.openclip.OpenClipVisionConfig`.
+        cls: :class:`~cka_geo.models.vit.ViTConfig` or :class:`~cka_geo.models.openclip.OpenClipVisionConfig`.
         data: What the file stores as the config.
 
     Returns:

@@ -49,8 +49,8 @@ class LoadedCheckpoint:
         family: ``"timm"`` or ``"open_clip"``.
         state_dict: Encoder tensors, keys as the family's model names them (timm names for
             ViTs, open_clip names without ``visual.``); head and decoder excluded.
-        config: :class:`~cka_geo.vit.ViTConfig` or
-            :class:`~cka_geo.openclip.OpenClipVisionConfig`.
+        config: :class:`~cka_geo.models.vit.ViTConfig` or
+            :class:`~cka_geo.models.openclip.OpenClipVisionConfig`.
         prefix: The prefix chosen (containers and wrappers, dotted, e.g.
             ``"state_dict.module.base_encoder."``); ``""`` for a bare encoder.
         candidates: Every (prefix, number of blocks) with a block pattern, best first.

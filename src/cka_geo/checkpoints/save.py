@@ -61,8 +61,8 @@ def save_checkpoint(
             "cka_geo": {"version", "format", "family"}, **extra}`` that loads with
             ``torch.load(weights_only=True)``).
         model_or_state_dict: The model (its ``state_dict()`` is saved) or a state dict.
-        config: A :class:`~cka_geo.vit.ViTConfig` or
-            :class:`~cka_geo.openclip.OpenClipVisionConfig`.
+        config: A :class:`~cka_geo.models.vit.ViTConfig` or
+            :class:`~cka_geo.models.openclip.OpenClipVisionConfig`.
         extra: More plain entries (epoch, metrics, task…).
 
     Returns:

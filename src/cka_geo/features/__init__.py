@@ -23,7 +23,7 @@ there; nothing here synchronises with the device or checks for NaN/Inf — the e
 
 Example:
     >>> import torch
-    >>> from cka_geo.vit import ViTConfig, VisionTransformer
+    >>> from cka_geo.models.vit import ViTConfig, VisionTransformer
     >>> from cka_geo.features import capture, resolve_sublayers
     >>> model = VisionTransformer(ViTConfig(img_size=16, patch_size=4, in_chans=13,
     ...                                     embed_dim=32, depth=2, num_heads=2)).eval()

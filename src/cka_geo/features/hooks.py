@@ -188,7 +188,7 @@ def capture(
 
     Example:
         >>> import copy
-        >>> from cka_geo.vit import ViTConfig, VisionTransformer
+        >>> from cka_geo.models.vit import ViTConfig, VisionTransformer
         >>> pre = VisionTransformer(ViTConfig(img_size=16, patch_size=4, in_chans=3,
         ...                                   embed_dim=32, depth=2, num_heads=2)).eval()
         >>> ft = copy.deepcopy(pre)
@@ -305,7 +305,7 @@ def forward_batch(
             ``batch_first`` shows up here), or a sublayer did not fire.
 
     Example:
-        >>> from cka_geo.vit import ViTConfig, VisionTransformer
+        >>> from cka_geo.models.vit import ViTConfig, VisionTransformer
         >>> m = VisionTransformer(ViTConfig(img_size=8, patch_size=4, in_chans=2,
         ...                                 embed_dim=8, depth=1, num_heads=1)).eval()
         >>> series = torch.randn(3, 5, 2, 8, 8)  # 3 samples, 5 dates

@@ -68,7 +68,7 @@ def sublayer_map(model: nn.Module) -> dict[str, str]:
         UsageError: The model maps a name to a missing module, or has no block stack.
 
     Example:
-        >>> from cka_geo.vit import ViTConfig, VisionTransformer
+        >>> from cka_geo.models.vit import ViTConfig, VisionTransformer
         >>> m = VisionTransformer(ViTConfig(img_size=8, patch_size=4, embed_dim=8, depth=1, num_heads=1))
         >>> list(sublayer_map(m))
         ['blocks.0.attn', 'blocks.0.mlp.fc1', 'blocks.0.mlp.act', 'blocks.0.mlp.fc2', 'blocks.0']
@@ -124,7 +124,7 @@ def resolve_sublayers(
             a bad pattern, a duplicate, or an empty selection.
 
     Example:
-        >>> from cka_geo.vit import ViTConfig, VisionTransformer
+        >>> from cka_geo.models.vit import ViTConfig, VisionTransformer
         >>> m = VisionTransformer(ViTConfig(img_size=8, patch_size=4, embed_dim=8, depth=3, num_heads=1))
         >>> resolve_sublayers(m, blocks=[-1])
         ['blocks.2.attn', 'blocks.2.mlp.fc1', 'blocks.2.mlp.fc2', 'blocks.2']

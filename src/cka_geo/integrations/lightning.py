@@ -12,7 +12,7 @@ restored), so adding the callback does not change the training run.
 
 Example:
     >>> import copy, torch
-    >>> from cka_geo.vit import ViTConfig, VisionTransformer
+    >>> from cka_geo.models.vit import ViTConfig, VisionTransformer
     >>> vit = VisionTransformer(ViTConfig(img_size=16, patch_size=4, in_chans=3,
     ...                                   embed_dim=32, depth=2, num_heads=2))
     >>> cb = CKACallback(copy.deepcopy(vit), torch.randn(16, 3, 16, 16),

@@ -30,7 +30,7 @@ is not an intermediate peak).
 
 Example:
     >>> import torch
-    >>> from cka_geo.vit import ViTConfig, VisionTransformer
+    >>> from cka_geo.models.vit import ViTConfig, VisionTransformer
     >>> m = VisionTransformer(ViTConfig(img_size=8, patch_size=4, in_chans=2, embed_dim=8,
     ...                                 depth=2, num_heads=1)).eval()
     >>> g = torch.Generator().manual_seed(0)

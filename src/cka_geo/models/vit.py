@@ -1,0 +1,373 @@
+"""A Vision Transformer whose module names are timm's, for any band count.
+
+The names double as checkpoint keys (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
+``blocks.{i}.norm1``, ``blocks.{i}.attn.qkv``, ``blocks.{i}.attn.proj``, ``blocks.{i}.ls1``,
+``blocks.{i}.norm2``, ``blocks.{i}.mlp.fc1``, ``blocks.{i}.mlp.act``, ``blocks.{i}.mlp.fc2``,
+``blocks.{i}.ls2``, ``norm``, ``fc_norm``, ``head``), so a timm / torchgeo state dict loads
+with ``load_state_dict`` as it is, and the canonical sublayer names of cka-geo are module paths.
+
+Shapes are written as (batch, tokens, width) = (B, T, D); T = prefix tokens + grid cells.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cka_geo.errors import DataError, UsageError
+from cka_geo.sublayers import normalize_block
+
+
+@dataclass
+class ViTConfig:
+    """Everything needed to build a :class:`VisionTransformer`; stored in every checkpoint
+    the project writes, so that nothing is guessed when it is read back.
+
+    Attributes:
+        img_size: Square input size in pixels.
+        patch_size: Square patch size in pixels.
+        in_chans: Number of input bands.
+        embed_dim: Width D.
+        depth: Number of blocks.
+        num_heads: Attention heads (timm convention: D / 64 for the standard sizes).
+        mlp_ratio: Hidden width of the MLP as a multiple of D (ignored when
+            ``mlp_hidden_dim`` is set).
+        mlp_hidden_dim: Exact hidden width of the MLP, if not ``int(D * mlp_ratio)``.
+        qkv_bias: Whether ``attn.qkv`` has a bias.
+        class_token: Whether a class token is prepended (then ``pos_embed`` covers it).
+        layer_scale: Initial value of the LayerScale ``gamma`` (``ls1``/``ls2``), or None
+            for no layer scale (``nn.Identity``).
+        final_norm: Whether ``norm`` follows the last block.
+        global_pool: ``"token"`` (class token) or ``"avg"`` (mean of patch tokens, then
+            ``fc_norm``) for :meth:`VisionTransformer.forward_head`.
+        num_classes: Width of ``head``; 0 for none.
+        norm_eps: LayerNorm epsilon (timm ViTs use 1e-6).
+        dynamic_img_size: Resample ``pos_embed`` on the fly for other input sizes instead
+            of refusing them.
+        fc_norm: timm's ``fc_norm`` switch: True puts the final LayerNorm after pooling
+            (``fc_norm``), False before it (``norm``); None (default) means
+            ``global_pool == "avg"``.
+        no_embed_class: timm's ``no_embed_class``: ``pos_embed`` covers the patch tokens
+            only and the class token is prepended after the positions are added.
+    """
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    mlp_hidden_dim: int | None = None
+    qkv_bias: bool = True
+    class_token: bool = True
+    layer_scale: float | None = None
+    final_norm: bool = True
+    global_pool: str = "token"
+    num_classes: int = 0
+    norm_eps: float = 1e-6
+    dynamic_img_size: bool = False
+    fc_norm: bool | None = None
+    no_embed_class: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UsageError(f"ViTConfig.{name} must be a positive integer, got {value!r}")
+        if self.embed_dim % self.num_heads:
+            raise UsageError(
+                f"ViTConfig: embed_dim {self.embed_dim} is not divisible by num_heads "
+                f"{self.num_heads}"
+            )
+        if self.img_size % self.patch_size:
+            raise UsageError(
+                f"ViTConfig: img_size {self.img_size} is not a multiple of patch_size "
+                f"{self.patch_size}"
+            )
+        if self.global_pool not in ("token", "avg"):
+            raise UsageError(f"ViTConfig.global_pool must be 'token' or 'avg', got {self.global_pool!r}")
+        if self.global_pool == "token" and not self.class_token:
+            self.global_pool = "avg"
+
+    @property
+    def use_fc_norm(self) -> bool:
+        """Whether the final LayerNorm is ``fc_norm`` (after pooling) rather than ``norm``."""
+        return self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
+
+    @property
+    def num_pos_tokens(self) -> int:
+        """Length of ``pos_embed`` at ``img_size``."""
+        prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+        return prefix + self.grid_size**2
+
+    @property
+    def hidden_dim(self) -> int:
+        """Hidden width of the MLP (fc1 output)."""
+        return self.mlp_hidden_dim or int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side at ``img_size``."""
+        return self.img_size // self.patch_size
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens (1 with a class token, else 0)."""
+        return 1 if self.class_token else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict that :meth:`from_dict` reads back."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ViTConfig:
+        """Build from :meth:`to_dict` output; unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UsageError(f"ViTConfig: unknown keys {unknown}")
+        return cls(**data)
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, H/p * W/p, D) by a strided convolution ``proj``."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; the output is after ``proj`` (timm's ``attn`` module)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        # (B, T, 3D) -> (3, B, heads, T, head_dim)
+        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, t, d))
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale ``gamma`` (timm's ``ls1``/``ls2``)."""
+
+    def __init__(self, dim: int, init_values: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU (``act``) -> fc2."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        d = cfg.embed_dim
+        self.norm1 = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.attn = Attention(d, cfg.num_heads, cfg.qkv_bias)
+        self.ls1: nn.Module = LayerScale(d, cfg.layer_scale) if cfg.layer_scale is not None else nn.Identity()
+        self.norm2 = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.mlp = Mlp(d, cfg.hidden_dim)
+        self.ls2: nn.Module = LayerScale(d, cfg.layer_scale) if cfg.layer_scale is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+def resample_pos_embed(
+    pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int
+) -> torch.Tensor:
+    """Resample an absolute position embedding to another patch grid.
+
+    Args:
+        pos_embed: (1, prefix + g*g, D) with a square old grid g.
+        new_grid: (rows, cols) of the new grid.
+        num_prefix_tokens: Leading tokens (class token) kept as they are.
+
+    Returns:
+        (1, prefix + rows*cols, D), bicubic interpolation of the grid part (as timm does).
+    """
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    old = math.isqrt(grid.shape[1])
+    if old * old != grid.shape[1]:
+        raise DataError(f"pos_embed grid of {grid.shape[1]} tokens is not square")
+    if (old, old) == tuple(new_grid):
+        return pos_embed
+    d = grid.shape[-1]
+    grid = grid.reshape(1, old, old, d).permute(0, 3, 1, 2)
+    if grid.dtype not in (torch.float32, torch.float64):
+        grid = grid.float()
+    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False, antialias=True)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], d).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+class VisionTransformer(nn.Module):
+    """timm-compatible ViT. ``forward(x)`` equals timm's for the same weights and config.
+
+    Args:
+        cfg: The architecture.
+
+    Example:
+        >>> cfg = ViTConfig(img_size=32, patch_size=8, in_chans=13, embed_dim=64, depth=2, num_heads=1)
+        >>> model = VisionTransformer(cfg).eval()
+        >>> model.forward_features(torch.zeros(2, 13, 32, 32)).shape
+        torch.Size([2, 17, 64])
+    """
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, d)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_pos_tokens, d))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        use_fc = cfg.use_fc_norm
+        self.norm: nn.Module = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm and not use_fc else nn.Identity()
+        self.fc_norm: nn.Module = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm and use_fc else nn.Identity()
+        self.head: nn.Module = nn.Linear(d, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    #: Blocks see (batch, tokens, width); capture relies on it (open_clip towers differ).
+    batch_first = True
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens (the class token, if any)."""
+        return self.cfg.num_prefix_tokens
+
+    def canonical_sublayers(self) -> dict[str, str]:
+        """Canonical sublayer name -> module path in this model, block by block.
+
+        For this timm-named ViT the two coincide. Other families (open_clip) implement the
+        same method with their own paths; sublayer capture relies on it.
+        """
+        names: dict[str, str] = {}
+        for i in range(len(self.blocks)):
+            for sub in ("attn", "mlp.fc1", "mlp.act", "mlp.fc2"):
+                names[f"blocks.{i}.{sub}"] = f"blocks.{i}.{sub}"
+            names[f"blocks.{i}"] = f"blocks.{i}"
+        return names
+
+    def init_weights(self) -> None:
+        """timm-style init: truncated normal (std 0.02) for linears and embeddings."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
+        if x.ndim != 4:
+            raise DataError(f"expected images of shape (batch, bands, H, W), got {tuple(x.shape)}")
+        c, h, w = x.shape[1:]
+        if c != self.cfg.in_chans:
+            raise DataError(f"images have {c} bands but the model expects {self.cfg.in_chans}")
+        p = self.cfg.patch_size
+        if h % p or w % p:
+            raise DataError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+        if (h, w) != (self.cfg.img_size, self.cfg.img_size) and not self.cfg.dynamic_img_size:
+            raise DataError(
+                f"image size {h}x{w} differs from the model's {self.cfg.img_size}x{self.cfg.img_size}"
+                " (resize the data, or set dynamic_img_size)"
+            )
+        return h // p, w // p
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch-embed, prepend the class token, add positions: (B, C, H, W) -> (B, T, D)."""
+        grid = self._check_input(x)
+        tokens = self.patch_embed(x)
+        if self.cfg.no_embed_class:
+            tokens = tokens + resample_pos_embed(self.pos_embed, grid, 0)
+            if self.cls_token is not None:
+                tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+            return tokens
+        pos = resample_pos_embed(self.pos_embed, grid, self.num_prefix_tokens)
+        if self.cls_token is not None:
+            tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        return tokens + pos
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> normed tokens (B, T, D)."""
+        x = self.embed(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool the tokens (class token, or mean of patch tokens then ``fc_norm``), then ``head``."""
+        x = x[:, self.num_prefix_tokens :].mean(dim=1) if self.cfg.global_pool == "avg" else x[:, 0]
+        x = self.fc_norm(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: list[int] | tuple[int, ...], norm: bool = False
+    ) -> list[torch.Tensor]:
+        """Outputs of the blocks in ``indices`` as feature maps (B, D, H/p, W/p).
+
+        Args:
+            x: Images (B, C, H, W).
+            indices: Block indices (negative counts from the end), in the order wanted.
+            norm: Apply the final ``norm`` to each output first.
+
+        Returns:
+            One map per index, prefix tokens dropped. Only the blocks up to the deepest
+            index are run.
+        """
+        depth = len(self.blocks)
+        wanted = []
+        for i in indices:
+            wanted.append(normalize_block(i, depth, "block index"))
+        gh, gw = x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size
+        x = self.embed(x)
+        outs: dict[int, torch.Tensor] = {}
+        for j, blk in enumerate(self.blocks[: max(wanted) + 1]):
+            x = blk(x)
+            if j in wanted:
+                y = self.norm(x) if norm else x
+                y = y[:, self.num_prefix_tokens :]
+                outs[j] = y.transpose(1, 2).reshape(y.shape[0], -1, gh, gw)
+        return [outs[j] for j in wanted]
