@@ -223,7 +223,9 @@ def test_load_results_roundtrip_and_validation(tmp_path, results):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(res))
     loaded = plotting.load_results(path)
-    assert loaded == res
+    assert {k: loaded[k] for k in res} == res  # every field read back as written
+    again = type(loaded).from_dict(json.loads(json.dumps(loaded.to_dict())))
+    assert again.to_dict() == loaded.to_dict()  # and the typed result round-trips exactly
     assert np.isnan(plotting._parse(loaded).matrix[0, 1])
 
     with pytest.raises(UsageError, match="no such results file"):

@@ -48,9 +48,9 @@ from cka_geo.functional.precision import (
     NOISE_TOL,
     NOISE_TOL_FLOAT64,
 )
+from cka_geo.results import CompareResult, LayerRecord
 from cka_geo.sublayers import DEFAULT_KINDS, KINDS, POOLINGS, block_of, kind_of
 
-SCHEMA = "cka-geo/compare/v1"
 #: The vocabulary's names under their older compare-module aliases.
 SUBLAYER_KINDS = KINDS
 DEFAULT_SUBLAYERS = DEFAULT_KINDS
@@ -470,7 +470,7 @@ def summarize(
     return out
 
 
-def compare_checkpoints(pre: str | Path, ft: str | Path, options: CompareOptions | None = None, **kwargs: Any) -> dict[str, Any]:
+def compare_checkpoints(pre: str | Path, ft: str | Path, options: CompareOptions | None = None, **kwargs: Any) -> CompareResult:
     """Compare two checkpoints of one ViT and return the results (schema ``cka-geo/compare/v1``).
 
     Args:
@@ -479,10 +479,11 @@ def compare_checkpoints(pre: str | Path, ft: str | Path, options: CompareOptions
         options: A :class:`CompareOptions`; keyword arguments override its fields.
 
     Returns:
-        A JSON-serialisable dict: ``layers``, the ``matrix`` (pre rows x ft columns),
-        ``diagonal``, ``intervals``, ``own_change`` (+ intervals), ``summary``,
-        ``settings``, ``checkpoints`` (paths, sha256, prefixes), ``weights`` (relative
-        weight change per sublayer) and ``versions``. See docs/results-schema.md.
+        A :class:`~cka_geo.results.CompareResult`: per-layer records (same-layer CKA, own
+        change, intervals, weight change), the full matrix (pre rows x ft columns), the
+        ``summary`` and the ``settings`` as done. It reads like the ``cka-geo/compare/v1``
+        dict (``result["summary"]["verdict"]``); ``result.to_dict()`` is that dict, as
+        written to results.json (docs/results-schema.md).
 
     Raises:
         CkaGeoError: Bad options, unreadable or refused checkpoints, different
@@ -518,8 +519,8 @@ def build_results(
     pair: Any,
     data_desc: str,
     device: torch.device,
-) -> dict[str, Any]:
-    """Assemble the JSON-serialisable results from the accumulator's result."""
+) -> CompareResult:
+    """Assemble the typed result from the accumulator's result."""
     L = len(names)
     captured = result.extra["capture"]
     pooling = captured["pre"]["pooling"]
@@ -590,23 +591,37 @@ def build_results(
             "sigma_pre_mean": {n: _num(float(np.nanmean(result.sigma_a[:, i]))) for i, n in enumerate(names)},
             "sigma_ft_mean": {n: _num(float(np.nanmean(result.sigma_b[:, i]))) for i, n in enumerate(names)},  # type: ignore[index]
         }
-    return {
-        "schema": SCHEMA,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "layers": names,
-        "blocks": sorted({block_of(n) for n in names}),
-        "kinds": [kind_of(n) for n in names],
-        "matrix": [[_num(v) for v in row] for row in matrix],
-        "diagonal": diag,
-        "intervals": iv,
-        "own_change": own,
-        "own_change_intervals": own_iv,
-        "weights": {"relative_change": {n: _num(pair.sublayer_change.get(n)) for n in names}},
-        "summary": summarize(names, diag, own, pair.identical),
-        "settings": settings,
-        "rbf": rbf,
-        "degenerate_batches": _degenerate_record(result, names, opts.own_change),
-        "model": {"family": a.family, "config": dataclasses.asdict(a.config)},
-        "checkpoints": {"pre": _checkpoint_record(a), "ft": _checkpoint_record(b)},
-        "versions": _versions(),
-    }
+    changes = pair.sublayer_change
+
+    def pair_of(ivs: dict[str, list[float | None] | None] | None, n: str) -> tuple[float | None, float | None] | None:
+        v = None if ivs is None else ivs.get(n)
+        return None if v is None else (v[0], v[1])
+
+    layers = [
+        LayerRecord(
+            name=n,
+            block=block_of(n),
+            kind=kind_of(n),
+            cka=diag[n],
+            interval=pair_of(iv, n),
+            own=None if own is None else own[n],
+            own_interval=pair_of(own_iv, n),
+            weight_change=_num(changes.get(n)),
+        )
+        for n in names
+    ]
+    return CompareResult(
+        layers=layers,
+        matrix=np.asarray(matrix, dtype=float),
+        summary=summarize(names, diag, own, pair.identical),
+        settings=settings,
+        sections={
+            "rbf": rbf,
+            "degenerate_batches": _degenerate_record(result, names, opts.own_change),
+            "model": {"family": a.family, "config": dataclasses.asdict(a.config)},
+            "checkpoints": {"pre": _checkpoint_record(a), "ft": _checkpoint_record(b)},
+            "versions": _versions(),
+        },
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        own_computed=own is not None,
+    )

@@ -1,4 +1,5 @@
-"""Text, CSV and JSON views of a comparison's results (the dict of :mod:`cka_geo.compare`)."""
+"""Text, CSV and JSON views of a comparison (a :class:`~cka_geo.results.CompareResult`, or
+its ``cka-geo/compare/v1`` dict)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import csv
 import io
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from cka_geo.atomic import write_text_atomic
+from cka_geo.results import CompareResult
+from cka_geo.sublayers import KINDS, block_of
 
-KIND_ORDER = ("attn", "fc1", "act", "fc2", "block")
+KIND_ORDER = KINDS
 
 
 def _fmt(value: float | None, interval: list[float | None] | None) -> str:
@@ -23,13 +27,13 @@ def _fmt(value: float | None, interval: list[float | None] | None) -> str:
     return text
 
 
-def _grid(results: dict[str, Any], values_key: str, iv_key: str) -> tuple[list[str], list[list[str]]]:
+def _grid(results: Mapping[str, Any], values_key: str, iv_key: str) -> tuple[list[str], list[list[str]]]:
     kinds = [k for k in KIND_ORDER if k in results["kinds"]]
     rows: dict[int, dict[str, str]] = {}
     values = results[values_key]
     ivs = results.get(iv_key) or {}
     for name, kind in zip(results["layers"], results["kinds"], strict=True):
-        block = int(name.split(".")[1])
+        block = block_of(name)
         rows.setdefault(block, {})[kind] = _fmt(values.get(name), ivs.get(name))
     header = ["block", *kinds]
     body = [[str(b), *(rows[b].get(k, "") for k in kinds)] for b in sorted(rows)]
@@ -42,7 +46,7 @@ def _table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in body)])
 
 
-def format_table(results: dict[str, Any]) -> str:
+def format_table(results: Mapping[str, Any]) -> str:
     """The per-block table(s) and the summary, for a terminal."""
     s = results["settings"]
     conf = f"{100 * s['confidence']:.0f}% CI" if s.get("interval_method") else "no intervals"
@@ -61,7 +65,7 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def describe_checkpoints(results: dict[str, Any]) -> list[str]:
+def describe_checkpoints(results: Mapping[str, Any]) -> list[str]:
     """One line per checkpoint saying what was loaded and how (for stderr), then the notes
     that carry assumptions (guessed head count, ignored keys)."""
     cfg = results["model"]["config"]
@@ -82,7 +86,7 @@ def describe_checkpoints(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def to_csv(results: dict[str, Any]) -> str:
+def to_csv(results: Mapping[str, Any]) -> str:
     """One row per sublayer: name, block, kind, CKA with interval, own change, weight change."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -99,18 +103,19 @@ def to_csv(results: dict[str, Any]) -> str:
         iv = ivs.get(name) or [None, None]
         oiv = own_iv.get(name) or [None, None]
         w.writerow(
-            [name, name.split(".")[1], kind, cell(results["diagonal"].get(name)), cell(iv[0]), cell(iv[1]),
+            [name, block_of(name), kind, cell(results["diagonal"].get(name)), cell(iv[0]), cell(iv[1]),
              cell(own.get(name)), cell(oiv[0]), cell(oiv[1]), cell(wch.get(name))]
         )
     return buf.getvalue()
 
 
-def to_json(results: dict[str, Any]) -> str:
+def to_json(results: Mapping[str, Any]) -> str:
     """Strict JSON (NaN written as null by the producer), indented."""
-    return json.dumps(results, indent=2, allow_nan=False) + "\n"
+    data = results.to_dict() if isinstance(results, CompareResult) else dict(results)
+    return json.dumps(data, indent=2, allow_nan=False) + "\n"
 
 
-def write_results(results: dict[str, Any], out_dir: Path, formats: tuple[str, ...] = ("json", "csv")) -> list[Path]:
+def write_results(results: Mapping[str, Any], out_dir: Path, formats: tuple[str, ...] = ("json", "csv")) -> list[Path]:
     """Write results.json / results.csv into ``out_dir``, each atomically."""
     written = []
     if "json" in formats:
