@@ -384,8 +384,6 @@ def plot_trajectory(
     except ImportError:  # pragma: no cover - the plot extra is missing
         raise CkaGeoError("plot_trajectory needs matplotlib: pip install 'cka-geo[plot]'") from None
 
-    from cka_geo.atomic import atomic_path
-
     values = trajectory.values.T  # (sublayers, steps)
     finite = values[np.isfinite(values)]
     lo = vmin if vmin is not None else min(0.9, float(finite.min()) if finite.size else 0.0)
@@ -405,10 +403,9 @@ def plot_trajectory(
     ax.set_ylabel("sublayer")
     ax.set_title(title or "CKA to the reference during training", fontsize=10)
     fig.colorbar(im, ax=ax, label="CKA")
-    out = Path(path)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format=out.suffix.lstrip(".").lower() or "png")
-    return out
+    from cka_geo.plotting.save import save_figure
+
+    return save_figure(fig, path)
 
 
 __all__ = ["CKAMonitor", "CKATrajectory", "observing", "plot_trajectory"]

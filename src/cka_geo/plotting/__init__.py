@@ -40,6 +40,7 @@ from cka_geo.plotting.save import (
     plot_change_bars,
     plot_depth_profile,
     plot_matrix,
+    save_figure,
 )
 from cka_geo.plotting.save import _render as _render
 from cka_geo.plotting.save import figures as figures
@@ -62,5 +63,6 @@ __all__ = [
     "plot_change_bars",
     "plot_depth_profile",
     "plot_matrix",
+    "save_figure",
     "validate_results",
 ]

@@ -54,6 +54,29 @@ def _metadata(fmt: str) -> dict[str, Any]:
     return {"Software": "cka-geo"}
 
 
+def save_figure(fig: Figure, path: str | os.PathLike[str], *, fmt: str | None = None, dpi: int | None = None) -> Path:
+    """Save a matplotlib figure atomically: the one way every figure of cka-geo is written.
+
+    Args:
+        fig: The figure.
+        path: Destination; its suffix gives the format unless ``fmt`` is set.
+        fmt: ``png``, ``pdf`` or ``svg``.
+        dpi: Resolution (default: the figure's).
+
+    Returns:
+        The path written. Vector formats carry no timestamp, so the same figure gives the
+        same file; a failure leaves nothing behind.
+    """
+    dest = Path(path)
+    fmt = _check_format(fmt if fmt is not None else (dest.suffix or ".png"))
+    kwargs: dict[str, Any] = {"format": fmt, "metadata": _metadata(fmt)}
+    if dpi is not None:
+        kwargs["dpi"] = _check_dpi(dpi)
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, **kwargs)
+    return dest
+
+
 def _render(name: str, r: _Parsed, dest: Path, fmt: str, dpi: int) -> None:
     """Draw figure ``name`` and save it to ``dest`` (already a temporary path)."""
     matplotlib = _import_matplotlib()

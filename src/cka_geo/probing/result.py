@@ -167,7 +167,6 @@ def plot_probe_depth(result: ProbeResult, path: str | os.PathLike[str]) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    from cka_geo.atomic import atomic_path
 
     metric = result.best_metric
     label = {"accuracy": "test accuracy", "r2": "test R²"}[metric]
@@ -193,7 +192,6 @@ def plot_probe_depth(result: ProbeResult, path: str | os.PathLike[str]) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    dest = Path(path)
-    with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
-        fig.savefig(fh, format="png")
-    return dest
+    from cka_geo.plotting.save import save_figure
+
+    return save_figure(fig, path)
