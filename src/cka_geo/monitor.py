@@ -37,9 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import warnings
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +51,7 @@ from cka_geo.accumulator import BatchGrams, MinibatchCKA
 from cka_geo.errors import CkaGeoError, DataError, UsageError
 from cka_geo.features import capture, forward_batch, resolve_sublayers
 from cka_geo.functional import DEFAULT_RBF_FRAC, Estimator, Kernel, check_kernel, min_samples
+from cka_geo.isolation import observing
 
 if TYPE_CHECKING:
     from cka_geo.train.callbacks import TrainContext
@@ -114,43 +114,6 @@ def _device_of(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def observing(*models: nn.Module) -> Iterator[None]:
-    """Run code that reads ``models`` without any effect on a training run.
-
-    Inside: no gradients, every module of ``models`` in eval mode. On exit: each module's
-    train/eval flag as before, and the torch (CPU, initialised CUDA devices), numpy and
-    python global RNG states as before.
-
-    Example:
-        >>> m = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
-        >>> state = torch.get_rng_state()
-        >>> with observing(m):
-        ...     _ = torch.randn(3), m.training
-        >>> m.training, bool(torch.equal(state, torch.get_rng_state()))
-        (True, True)
-    """
-    modes = [[mod.training for mod in m.modules()] for m in models]
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    try:
-        for m in models:
-            m.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, flags in zip(models, modes, strict=True):
-            for mod, flag in zip(m.modules(), flags, strict=True):
-                mod.training = flag
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-        np.random.set_state(np_state)
-        random.setstate(py_state)
 
 
 class CKAMonitor:

@@ -11,6 +11,7 @@ from torch import nn
 
 from cka_geo.errors import DataError, FeatureError, UsageError
 from cka_geo.features import KINDS, capture, forward_batch, resolve_sublayers, sublayer_map
+from cka_geo.isolation import observing
 from cka_geo.probing.result import LayerProbe, ProbeResult
 from cka_geo.probing.ridge import ALPHAS, RidgeFit, RidgeStats, fit_ridge, select_alpha
 from cka_geo.sublayers import parse
@@ -124,9 +125,7 @@ def probe_layers(
     if num_classes is not None and (task != "classification" or num_classes < 1):
         raise UsageError(f"num_classes={num_classes!r} needs task='classification' and a value >= 1")
     names = _resolve(model, sublayers)
-    was_training = model.training
-    model.eval()
-    try:
+    with observing(model):
         stats: dict[str, RidgeStats] = {}
         with capture(model, names, pooling=pooling) as cap:
             for bi, item in enumerate(train_batches):
@@ -195,8 +194,6 @@ def probe_layers(
                     meters[name].update(pred, y)
             if n_test == 0:
                 raise DataError("no test samples to score the probes on")
-    finally:
-        model.train(was_training)
 
     layers: list[LayerProbe] = []
     for name in names:
