@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cka_geo.checkpoints import build_model, check_pair, load_checkpoint, save_checkpoint
-from cka_geo.errors import CheckpointError, DataError, UsageError
+from cka_geo.errors import ArchitectureMismatchError, CheckpointError, DataError, UsageError
 from cka_geo.features import capture, sublayer_map
 
 G = "patch_embed.weight_generator."
@@ -209,6 +209,8 @@ def test_dofa_default_wavelengths_and_overrides(tmp_path):
     assert tt.prefix == "state_dict.model.encoder.dofa_model."
     report = check_pair(loaded, load_checkpoint(tmp_path / "dofa.pt"))
     assert report.identical and "blocks.0.mlp.fc1" in report.sublayer_change
+    with pytest.raises(ArchitectureMismatchError, match="config wavelengths"):
+        check_pair(loaded, load_checkpoint(tmp_path / "dofa.pt", wavelengths=12))
 
 
 def test_dofa_project_file_roundtrip(tmp_path):
