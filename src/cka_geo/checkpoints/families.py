@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from cka_geo.errors import CheckpointError
+from cka_geo.models.croma import CromaConfig, CromaEncoder
+from cka_geo.models.dofa import DofaConfig, DofaVisionTransformer
 from cka_geo.models.openclip import OpenClipVisionConfig, OpenClipVisionTransformer
 from cka_geo.models.vit import VisionTransformer, ViTConfig
 
@@ -15,14 +17,14 @@ from cka_geo.models.vit import VisionTransformer, ViTConfig
 FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "timm": (ViTConfig, VisionTransformer),
     "open_clip": (OpenClipVisionConfig, OpenClipVisionTransformer),
+    "dofa": (DofaConfig, DofaVisionTransformer),
+    "croma": (CromaConfig, CromaEncoder),
 }
+#: Families built on the timm-named ViT (a ``head`` is kept apart, ``num_classes`` applies).
+TIMM_LIKE = ("timm", "dofa")
 
 #: Recognised families that cannot be built, with the reason.
 UNSUPPORTED: dict[str, str] = {
-    "croma": (
-        "CROMA checkpoint detected (transformer.layers.{i}.0/.1 pairs): its ALiBi-biased "
-        "attention and paired [attention, ffn] layers have no timm equivalent; not supported"
-    ),
     "galileo": (
         "Galileo checkpoint detected (blocks.{i}.attn.q/.k/.v): its multi-modal token "
         "embeddings and separate q/k/v projections are not supported"
@@ -31,7 +33,10 @@ UNSUPPORTED: dict[str, str] = {
 
 
 def family_of_config(config: Any) -> str:
-    """The family whose config class ``config`` is."""
+    """The family whose config class ``config`` is (the exact class first: DOFA's extends timm's)."""
+    for name, (cfg_cls, _) in FAMILIES.items():
+        if type(config) is cfg_cls:
+            return name
     for name, (cfg_cls, _) in FAMILIES.items():
         if isinstance(config, cfg_cls):
             return name

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cka_geo.checkpoints import infer, limits, resolve, terramind
-from cka_geo.checkpoints.families import FAMILIES, UNSUPPORTED, check_keys, instantiate
+from cka_geo.checkpoints import croma, dofa, infer, limits, resolve, terramind
+from cka_geo.checkpoints.families import FAMILIES, TIMM_LIKE, UNSUPPORTED, check_keys, instantiate
 from cka_geo.checkpoints.io import (
     BLOCKED_NOTE,
     TRUST_HINT,
@@ -22,7 +22,7 @@ from cka_geo.checkpoints.io import (
     read_checkpoint_file,
 )
 from cka_geo.checkpoints.save import MARKER
-from cka_geo.errors import CheckpointError
+from cka_geo.errors import CheckpointError, UsageError
 
 #: Encoder keys per family (relative to the prefix); anything else is ignored.
 _TIMM_KEEP = ("patch_embed.", "blocks.", "norm.", "fc_norm.")
@@ -46,7 +46,7 @@ class LoadedCheckpoint:
     Attributes:
         path: The file.
         sha256: Hex digest of the file's bytes.
-        family: ``"timm"`` or ``"open_clip"``.
+        family: ``"timm"``, ``"open_clip"``, ``"dofa"`` or ``"croma"``.
         state_dict: Encoder tensors, keys as the family's model names them (timm names for
             ViTs, open_clip names without ``visual.``); head and decoder excluded.
         config: :class:`~cka_geo.models.vit.ViTConfig` or
@@ -138,6 +138,7 @@ def load_checkpoint(
     trust: bool = False,
     prefix: str | None = None,
     num_heads: int | None = None,
+    wavelengths: dofa.Wavelengths = None,
 ) -> LoadedCheckpoint:
     """Read a checkpoint file and find its encoder.
 
@@ -150,18 +151,24 @@ def load_checkpoint(
             ``LoadedCheckpoint.candidates``); a candidate or a unique suffix of one.
         num_heads: Attention heads; weights do not record them (default width / 64, or a
             value stored in the file).
+        wavelengths: DOFA only: the input bands' wavelengths (µm), band names or a band
+            count (default: band names stored in the file, else the 13 Sentinel-2 L1C
+            bands); see :func:`cka_geo.checkpoints.dofa.resolve_wavelengths`. Noted and
+            ignored for other families.
 
     Returns:
         The encoder and a report of how it was found.
 
     Raises:
         CheckpointError: One line naming the file: unreadable, refused, no encoder,
-            unsupported family (CROMA, Galileo, TerraMind) or inconsistent keys.
+            unsupported family (Galileo, CROMA's joint encoder) or inconsistent keys.
     """
     p = Path(path)
     obj, metadata, notes = read_checkpoint_file(p, trust=trust)
     try:
-        loaded = _resolve(p, obj, metadata, notes, prefix=prefix, num_heads=num_heads)
+        loaded = _resolve(
+            p, obj, metadata, notes, prefix=prefix, num_heads=num_heads, wavelengths=wavelengths
+        )
     except CheckpointError as exc:
         msg = str(exc)
         restricted = [n for n in notes if n.startswith(BLOCKED_NOTE)]
@@ -184,6 +191,7 @@ def _resolve(
     *,
     prefix: str | None,
     num_heads: int | None,
+    wavelengths: dofa.Wavelengths = None,
 ) -> LoadedCheckpoint:
     unreadable = find_unreadable(obj)
     if unreadable:
@@ -191,15 +199,17 @@ def _resolve(
     project = _from_project_file(obj, metadata)
     if project is not None:
         family, config, sd, extra = project
-        field_name = "num_heads" if family == "timm" else "heads"
+        field_name = "heads" if family == "open_clip" else "num_heads"
         stored = getattr(config, field_name)
         if num_heads is not None and num_heads != stored:
             notes.append(f"num_heads={num_heads} as given (file says {stored})")
             config = dataclasses.replace(config, **{field_name: num_heads})
         limits.check_tensor_data(sd)
-        head = _split_head(sd) if family == "timm" else {}
+        head = _split_head(sd) if family in TIMM_LIKE else {}
         notes.append("written by cka-geo: config read from the file, nothing inferred")
-        build_cfg = dataclasses.replace(config, num_classes=0) if family == "timm" else config
+        if family == "dofa" and wavelengths is not None:
+            config = dofa.with_wavelengths(config, wavelengths, notes, error=CheckpointError)
+        build_cfg = dataclasses.replace(config, num_classes=0) if family in TIMM_LIKE else config
         check_keys(family, build_cfg, sd)
         return LoadedCheckpoint(
             p,
@@ -216,7 +226,8 @@ def _resolve(
         )
     flat = resolve.flatten(obj)
     candidates = resolve.find_candidates(flat.tensors)
-    chosen = resolve.choose(candidates, prefix)
+    croma.check_prefix(prefix)
+    chosen = croma.check_choice(resolve.choose(candidates, prefix), candidates, prefix)
     if chosen.family in UNSUPPORTED:
         raise CheckpointError(UNSUPPORTED[chosen.family])
     containers, stripped = resolve.describe_prefix(chosen.prefix, flat.containers)
@@ -234,8 +245,10 @@ def _resolve(
         notes.append(
             f"chose {chosen.prefix!r} ({chosen.num_blocks} blocks); other candidates: {listed}"
         )
-    family = "open_clip" if chosen.family == "open_clip" else "timm"
-    if chosen.family == "terramind":
+    family = chosen.family if chosen.family in ("open_clip", "croma") else "timm"
+    if chosen.family == "croma":
+        keep, keep_exact = croma.KEEP, ()
+    elif chosen.family == "terramind":
         keep, keep_exact = ("encoder.", "encoder_norm.", "encoder_embeddings."), ()
     elif family == "timm":
         keep, keep_exact = _TIMM_KEEP, _TIMM_KEEP_EXACT
@@ -276,8 +289,20 @@ def _resolve(
     if ignored:
         notes.append(f"ignored {len(ignored)} non-encoder keys: {resolve.summarise_keys(ignored)}")
     stored = resolve.find_hparam(flat.others, _HEAD_NAMES)
-    if family == "timm":
-        config: Any = infer.infer_timm(sd, notes, num_heads=num_heads, stored_heads=stored)
+    family = "dofa" if family == "timm" and dofa.is_dofa(sd) else family
+    if wavelengths is not None and family != "dofa":
+        notes.append(f"wavelengths ignored: a {family} encoder, not DOFA")
+    if family == "dofa":
+        config: Any = dofa.infer(
+            sd, notes, num_heads=num_heads, stored_heads=stored, wavelengths=wavelengths,
+            others=flat.others,
+        )
+    elif family == "croma":
+        config = croma.infer(
+            sd, notes, num_heads=num_heads, prefix=chosen.prefix, tensors=flat.tensors
+        )
+    elif family == "timm":
+        config = infer.infer_timm(sd, notes, num_heads=num_heads, stored_heads=stored)
     else:
         config = infer.infer_open_clip(sd, notes, num_heads=num_heads, stored_heads=stored)
     check_keys(family, config, sd)
@@ -300,7 +325,11 @@ def _depth(config: Any) -> int:
 
 
 def build_model(
-    loaded: LoadedCheckpoint, *, device: str | torch.device = "cpu", head: bool = False
+    loaded: LoadedCheckpoint,
+    *,
+    device: str | torch.device = "cpu",
+    head: bool = False,
+    wavelengths: dofa.Wavelengths = None,
 ) -> nn.Module:
     """The encoder as an eval-mode model with the weights loaded strictly.
 
@@ -309,13 +338,19 @@ def build_model(
         device: Where to put the model.
         head: For a timm model, also build and load the ``head`` found in the file
             (``num_classes`` from its shape). Default: encoder only.
+        wavelengths: DOFA only: other input bands than those ``loaded`` was read for
+            (µm, band names or a band count); the generated patch embedding follows them.
 
     Returns:
         A model with ``canonical_sublayers()``, ``num_prefix_tokens`` and ``batch_first``.
     """
     config = loaded.config
     sd = dict(loaded.state_dict)
-    if loaded.family == "timm":
+    if wavelengths is not None:
+        if loaded.family != "dofa":
+            raise UsageError(f"{loaded.path}: wavelengths apply to DOFA only, not {loaded.family}")
+        config = dofa.with_wavelengths(config, wavelengths, [])
+    if loaded.family in TIMM_LIKE:
         classes = (
             loaded.head["head.weight"].shape[0] if head and "head.weight" in loaded.head else 0
         )

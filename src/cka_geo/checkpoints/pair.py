@@ -124,7 +124,7 @@ def check_pair(
             )
         tolerated = _shape_check(sa, sb, na, nb)
         ca, cb = a.config.to_dict(), b.config.to_dict()
-        for key in ("num_heads", "heads", "norm_eps", "act", "class_token", "no_embed_class"):
+        for key in ("num_heads", "heads", "norm_eps", "act", "class_token", "no_embed_class", "wavelengths"):
             if key in ca and ca[key] != cb.get(key):
                 raise ArchitectureMismatchError(
                     f"encoders differ: config {key} is {ca[key]!r} in {na} and {cb.get(key)!r} in {nb}"
