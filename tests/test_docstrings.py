@@ -29,7 +29,7 @@ MODULES = modules_with_examples()
 
 
 def test_the_examples_were_found():
-    assert {"cka_geo.functional.hsic", "cka_geo.accumulator", "cka_geo.features", "cka_geo.vit"} <= set(MODULES)
+    assert {"cka_geo.functional.hsic", "cka_geo.accumulator", "cka_geo.features", "cka_geo.models.vit"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)

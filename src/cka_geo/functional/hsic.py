@@ -212,3 +212,6 @@ def linear_cka_feature_space(
         return cross - n / (n - 2) * (a @ b) + a.sum() * b.sum() / ((n - 1) * (n - 2))
 
     return dot(xc, yc) / (dot(xc, xc) * dot(yc, yc)).sqrt()
+
+
+__all__ = ["as_features", "cka", "cka_from_grams", "gram", "hsic", "linear_cka_feature_space"]

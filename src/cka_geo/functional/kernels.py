@@ -174,3 +174,21 @@ def u_center_gram(k: torch.Tensor) -> torch.Tensor:
     k = k - means.unsqueeze(-1) - means.unsqueeze(-2)
     k.diagonal(dim1=-2, dim2=-1).zero_()
     return k
+
+
+__all__ = [
+    "DEFAULT_RBF_FRAC",
+    "ESTIMATORS",
+    "KERNELS",
+    "Estimator",
+    "Kernel",
+    "center_features",
+    "center_gram",
+    "check_kernel",
+    "gram_linear",
+    "gram_rbf",
+    "min_samples",
+    "rbf_sigma",
+    "squared_distances",
+    "u_center_gram",
+]

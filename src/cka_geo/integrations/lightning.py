@@ -12,9 +12,9 @@ restored), so adding the callback does not change the training run.
 
 Example:
     >>> import copy, torch
-    >>> from cka_geo.models.vit import ViTConfig, VisionTransformer
-    >>> vit = VisionTransformer(ViTConfig(img_size=16, patch_size=4, in_chans=3,
-    ...                                   embed_dim=32, depth=2, num_heads=2))
+    >>> from cka_geo.models import VisionTransformer, ViTConfig
+    >>> cfg = ViTConfig(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=2, num_heads=2)
+    >>> vit = VisionTransformer(cfg)
     >>> cb = CKACallback(copy.deepcopy(vit), torch.randn(16, 3, 16, 16),
     ...                  kinds=("fc1", "block"), batch_size=8, target="encoder")
     >>> cb.monitor.names

@@ -132,11 +132,7 @@ def _save_one(
 
 
 def plot_matrix(
-    results: Mapping[str, Any],
-    path: str | os.PathLike[str],
-    *,
-    dpi: int = DPI,
-    format: str | None = None,
+    results: Mapping[str, Any], path: str | os.PathLike[str], *, dpi: int = DPI, format: str | None = None
 ) -> Path:
     """Draw the full L × L CKA matrix as a heatmap (pretrained rows, fine-tuned columns).
 
@@ -161,11 +157,7 @@ def plot_matrix(
 
 
 def plot_depth_profile(
-    results: Mapping[str, Any],
-    path: str | os.PathLike[str],
-    *,
-    dpi: int = DPI,
-    format: str | None = None,
+    results: Mapping[str, Any], path: str | os.PathLike[str], *, dpi: int = DPI, format: str | None = None
 ) -> Path:
     """Draw same-layer CKA against block index, one line per sublayer type.
 
@@ -174,28 +166,13 @@ def plot_depth_profile(
     ``own_change``: each sublayer's own change as 1 − CKA (a logarithmic axis when the
     changes span more than two decades), the largest circled.
 
-    Args:
-        results: A ``cka-geo/compare/v1`` dict.
-        path: The output file; written atomically.
-        dpi: Resolution for PNG output.
-        format: ``png``, ``pdf`` or ``svg``; by default taken from ``path``'s suffix.
-
-    Returns:
-        ``path`` as a :class:`~pathlib.Path`.
-
-    Raises:
-        DataError: ``results`` is not a valid results dict.
-        UsageError: An unknown format or a bad dpi.
+    Arguments, return value and errors as :func:`plot_matrix`.
     """
     return _save_one("depth_profile", results, path, dpi, format)
 
 
 def plot_change_bars(
-    results: Mapping[str, Any],
-    path: str | os.PathLike[str],
-    *,
-    dpi: int = DPI,
-    format: str | None = None,
+    results: Mapping[str, Any], path: str | os.PathLike[str], *, dpi: int = DPI, format: str | None = None
 ) -> Path:
     """Draw change = 1 − CKA per sublayer as bars grouped by block, coloured by type.
 
@@ -204,18 +181,7 @@ def plot_change_bars(
     its name and value. A panel switches to a logarithmic axis when its changes span more
     than two decades.
 
-    Args:
-        results: A ``cka-geo/compare/v1`` dict.
-        path: The output file; written atomically.
-        dpi: Resolution for PNG output.
-        format: ``png``, ``pdf`` or ``svg``; by default taken from ``path``'s suffix.
-
-    Returns:
-        ``path`` as a :class:`~pathlib.Path`.
-
-    Raises:
-        DataError: ``results`` is not a valid results dict.
-        UsageError: An unknown format or a bad dpi.
+    Arguments, return value and errors as :func:`plot_matrix`.
     """
     return _save_one("change_bars", results, path, dpi, format)
 

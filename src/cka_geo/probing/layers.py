@@ -69,6 +69,21 @@ def _check_finite(feats: dict[str, torch.Tensor], where: str) -> None:
             raise FeatureError(f"{where}: sublayer {name!r} gave NaN or Inf features")
 
 
+def _read_batch(
+    model: nn.Module, cap: Any, item: Any, where: str, task: str, time_mode: str
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], int, torch.Tensor]:
+    """One (images, targets) batch through the capture: images, features, rows, targets."""
+    x, y_raw = _unpack(item, where)
+    feats = forward_batch(model, x, cap, time_mode=time_mode).features
+    _check_finite(feats, where)
+    rows = next(iter(feats.values())).shape[0]
+    frames = x.ndim == 5 and time_mode == "frames"
+    batch = x.shape[0] * (x.shape[1] if frames else 1)
+    if frames:
+        y_raw = torch.as_tensor(y_raw).repeat_interleave(x.shape[1], dim=0)
+    return x, feats, rows, _targets(y_raw, task, rows, batch, where)
+
+
 def probe_layers(
     model: nn.Module,
     train_batches: Iterable[Any],
@@ -130,14 +145,7 @@ def probe_layers(
         with capture(model, names, pooling=pooling) as cap:
             for bi, item in enumerate(train_batches):
                 where = f"train batch {bi}"
-                x, y_raw = _unpack(item, where)
-                feats = forward_batch(model, x, cap, time_mode=time_mode).features
-                _check_finite(feats, where)
-                rows = next(iter(feats.values())).shape[0]
-                batch = x.shape[0] * (x.shape[1] if x.ndim == 5 and time_mode == "frames" else 1)
-                if x.ndim == 5 and time_mode == "frames":
-                    y_raw = torch.as_tensor(y_raw).repeat_interleave(x.shape[1], dim=0)
-                y = _targets(y_raw, task, rows, batch, where)
+                x, feats, rows, y = _read_batch(model, cap, item, where, task, time_mode)
                 if task == "classification":
                     k = num_classes if num_classes is not None else int(y.max()) + 1 if y.numel() else 1
                     if num_classes is not None and y.numel() and int(y.max()) >= num_classes:
@@ -173,14 +181,8 @@ def probe_layers(
             n_test = 0
             for bi, item in enumerate(test_batches):
                 where = f"test batch {bi}"
-                x, y_raw = _unpack(item, where)
-                feats = forward_batch(model, x, cap, time_mode=time_mode).features
-                _check_finite(feats, where)
-                rows = next(iter(feats.values())).shape[0]
-                batch = x.shape[0] * (x.shape[1] if x.ndim == 5 and time_mode == "frames" else 1)
-                if x.ndim == 5 and time_mode == "frames":
-                    y_raw = torch.as_tensor(y_raw).repeat_interleave(x.shape[1], dim=0)
-                y = _targets(y_raw, task, rows, batch, where).cpu()
+                x, feats, rows, y = _read_batch(model, cap, item, where, task, time_mode)
+                y = y.cpu()
                 if task == "classification" and y.numel() and int(y.max()) >= k:
                     raise DataError(f"{where}: class index {int(y.max())} never seen in training ({k} classes)")
                 if task == "regression" and y.shape[1] != k:
