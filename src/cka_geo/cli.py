@@ -24,7 +24,8 @@ COMMANDS = ("compare", "plot", "pretrain", "finetune", "evaluate", "demo", "prob
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        sub = self.prog.removeprefix("cka-geo").strip()
+        self.exit(2, f"cka-geo: error: {sub + ': ' if sub else ''}{one_line(message)}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,13 +66,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = _show_warning  # one line each on stderr, restored after
             return int(args._run(args) or 0)
     except CkaGeoError as exc:
-        print(f"cka-geo: error: {_first_line(exc)}", file=sys.stderr)
+        print(f"cka-geo: error: {one_line(str(exc).strip() or type(exc).__name__)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("cka-geo: interrupted", file=sys.stderr)
         return 130
     except torch.cuda.OutOfMemoryError:
-        print("cka-geo: error: out of GPU memory; try a smaller --batch-size", file=sys.stderr)
+        hint = "; try a smaller --batch-size" if hasattr(args, "batch_size") else ""
+        print(f"cka-geo: error: out of GPU memory{hint}", file=sys.stderr)
         return 1
     except Exception as exc:  # a bug: one line, the traceback on request
         if os.environ.get("CKA_GEO_DEBUG"):
@@ -84,13 +86,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line: newlines and other control characters escaped as ``\\n``, ``\\x1b``...
+
+    A path holding a newline still makes one line on stderr, and shows where the newline is.
+    """
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return one_line(text.splitlines()[0]) if text else type(exc).__name__
 
 
 def _show_warning(message: Warning | str, *args: object, **kwargs: object) -> None:
-    text = _first_line(message) if isinstance(message, Warning) else str(message)
+    text = _first_line(message) if isinstance(message, Warning) else one_line(str(message))
     print(f"cka-geo: warning: {text}", file=sys.stderr)
 
 

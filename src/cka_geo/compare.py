@@ -148,16 +148,13 @@ class CompareOptions:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; refuse an unavailable CUDA device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} asked for, but CUDA is not available")
-    return dev
+    """``"auto"`` -> CUDA when available, else CPU; refuse unsupported or absent devices.
+
+    The one resolver of every command: :func:`cka_geo.devices.resolve_device`.
+    """
+    from cka_geo.devices import resolve_device as resolve
+
+    return resolve(device)
 
 
 def _model_geometry(loaded: LoadedCheckpoint) -> tuple[int, int]:

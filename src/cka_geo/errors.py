@@ -37,11 +37,19 @@ class FeatureError(CkaGeoError, ValueError):
     """Captured features that cannot enter CKA (NaN/Inf, too few samples, bad shapes)."""
 
 
+class OutputError(CkaGeoError, OSError):
+    """A result that cannot be written: a full disk, a read-only or busy output folder.
+
+    Also an :class:`OSError`, so code that catches write failures as ``OSError`` still does.
+    """
+
+
 __all__ = [
     "ArchitectureMismatchError",
     "CheckpointError",
     "CkaGeoError",
     "DataError",
     "FeatureError",
+    "OutputError",
     "UsageError",
 ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from cka_geo.errors import UsageError
@@ -42,6 +44,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonneg_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def fraction(text: str) -> float:
     """argparse type: a float in (0, 1]."""
     try:
@@ -50,6 +63,20 @@ def fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+SEED_MAX = 2**32 - 1
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed in [0, 2**32 - 1] (what numpy, torch and python all accept)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {SEED_MAX}], got {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {SEED_MAX}], got {text!r}")
     return value
 
 
@@ -78,13 +105,14 @@ def add_train_arguments(p: argparse.ArgumentParser, epochs: int, lr: float, batc
     g.add_argument("--epochs", type=positive_int, default=epochs, help=f"epochs (default {epochs})")
     g.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"batch size (default {batch_size})")
     g.add_argument("--lr", type=positive_float, default=lr, help=f"peak learning rate (default {lr:g})")
-    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
+    g.add_argument("--weight-decay", type=nonneg_float, default=0.05, help="AdamW weight decay (default 0.05)")
     g.add_argument("--warmup-steps", type=nonneg_int, default=20, help="linear warm-up steps (default 20)")
-    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and masks (default 0)")
+    g.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation, data order and masks (default 0)")
     g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: available cores, at most 4)")
     g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N (default auto)")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                   help="continue an interrupted run (default file: OUT/checkpoints/last.pt)")
+                   help="continue an interrupted run (default file: OUT/checkpoints/last.pt) with the same "
+                        "options; only --epochs, --device, --threads and --progress may differ")
     g.add_argument("--stop-after-epoch", type=positive_int, default=None, help=argparse.SUPPRESS)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
@@ -120,12 +148,10 @@ def train_config(args: argparse.Namespace) -> Any:
 
 
 def resolve_device(name: str) -> str:
-    """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; other names as given."""
-    import torch
+    """``--device`` checked by :func:`cka_geo.devices.resolve_device` (``"auto"`` resolved)."""
+    from cka_geo.devices import resolve_device as resolve
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return str(resolve(name))
 
 
 def resume_path(args: argparse.Namespace, out: Any) -> Any:
@@ -140,12 +166,78 @@ def resume_path(args: argparse.Namespace, out: Any) -> Any:
     return path
 
 
-def embedded(split: str, task: str, tile_size: int, bands: int, stride: int | None = None) -> Any:
-    """The embedded Sentinel-2 tiles of one split (see :class:`cka_geo.data.EmbeddedS2Tiles`)."""
-    from cka_geo.data import EmbeddedS2Tiles
+def resumes_in_place(resume: Any, out: Any) -> bool:
+    """Whether the ``--resume`` checkpoint lies inside ``--out`` (the run continues there)."""
+    if resume is None:
+        return False
+    r, o = os.path.realpath(resume), os.path.realpath(out)
+    return r.startswith(o.rstrip(os.sep) + os.sep)
+
+
+# What each stored setting of a training run is called on the command line.
+RESUME_FLAGS = {
+    "train.batch_size": "--batch-size", "train.lr": "--lr", "train.weight_decay": "--weight-decay",
+    "train.warmup_steps": "--warmup-steps", "train.seed": "--seed",
+    "objective": "--objective", "objective_kwargs.mask_ratio": "--mask-ratio",
+    "objective_kwargs.decoder_dim": "--decoder-dim", "objective_kwargs.decoder_depth": "--decoder-depth",
+    "objective_kwargs.temperature": "--temperature",
+    "encoder.img_size": "--img-size", "encoder.patch_size": "--patch-size", "encoder.in_chans": "--bands",
+    "encoder.embed_dim": "--embed-dim", "encoder.depth": "--depth", "encoder.num_heads": "--heads",
+    "task.task": "--task", "task.num_outputs": "--task", "task.decoder": "--decoder", "task.taps": "--taps",
+    "task.decoder_channels": "--decoder-channels", "task.adaptation": "--adapt", "task.last_k": "--last-k",
+    "label_fraction": "--label-fraction", "fraction_seed": "--fraction-seed", "data.stride": "--stride",
+    "train_samples": "--stride",
+}
+
+
+@contextmanager
+def resume_errors(command: str, resume: Any) -> Iterator[None]:
+    """Turn a refused resume (:class:`~cka_geo.train.loop.ResumeMismatch`) into one line naming the option."""
+    from cka_geo.train.loop import ResumeMismatch
+
+    try:
+        yield
+    except ResumeMismatch as exc:
+        if exc.key == "kind":
+            raise UsageError(f"--resume {resume}: the checkpoint is of a cka-geo {exc.old} run, not {command}") from None
+        from_file = command == "finetune" and (exc.key.startswith("encoder") or exc.key == "pre_sha256")
+        if from_file:
+            raise UsageError(f"--resume {resume}: the run started from another encoder than CHECKPOINT "
+                             f"({exc.key} {exc.old!r}, now {exc.new!r}); pass the same checkpoint") from None
+        flag = RESUME_FLAGS.get(exc.key)
+        if flag is None:
+            raise UsageError(f"--resume {resume}: the run was started with {exc.key}={exc.old!r}, this one has "
+                             f"{exc.new!r}") from None
+        raise UsageError(f"--resume {resume}: the run was started with {flag} {_show(exc.old)}, this one has "
+                         f"{flag} {_show(exc.new)}; resume with the same {flag} (only --epochs, --device, "
+                         "--threads and --progress may change)") from None
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return "(default)" if value is None else str(value)
+
+
+def embedded(split: str, task: str, tile_size: int, bands: int, stride: int | None = None,
+             checkpoint: Any = None) -> Any:
+    """The embedded Sentinel-2 tiles of one split (see :class:`cka_geo.data.EmbeddedS2Tiles`).
+
+    Tiles the embedded scene cannot serve are refused naming ``--img-size``/``--bands``, or
+    the ``checkpoint`` whose encoder asked for them.
+    """
+    from cka_geo.data import BAND_SELECTIONS, EmbeddedS2Tiles
+    from cka_geo.errors import DataError
 
     if tile_size > 128:
+        if checkpoint is not None:
+            raise DataError(f"{checkpoint}: image size {tile_size} exceeds the embedded tiles' 128 pixels")
         raise UsageError(f"--img-size {tile_size}: embedded tiles are at most 128 pixels")
+    if bands not in BAND_SELECTIONS:
+        served = ", ".join(str(b) for b in sorted(BAND_SELECTIONS))
+        if checkpoint is not None:
+            raise DataError(f"{checkpoint}: a {bands}-band encoder; the embedded tiles serve {served} bands only")
+        raise UsageError(f"--bands {bands}: the embedded tiles serve {served} bands only")
     return EmbeddedS2Tiles(split, tile_size=tile_size, task=task, bands=bands, stride=stride)
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
+from cka_geo.commands._training import seed_int
 from cka_geo.functional import DEFAULT_RBF_FRAC
 
 NAME = "compare"
@@ -27,12 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, help=f"probe images to use (default: {DEFAULT_SAMPLES} embedded, or all of --data)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch, the unit of the bootstrap (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the embedded probe crops and the bootstrap (default 0)")
     p.add_argument("--time-mode", choices=("frames", "mean"), default="frames", help="time series: each frame an example, or the mean over time")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the intervals (0: none)")
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--no-own-change", action="store_true", help="skip each sublayer's own change")
-    p.add_argument("--out", default="cka-geo-results", help="output directory (default: %(default)s)")
+    p.add_argument("--out", default="cka-geo-results", help="output folder (default: %(default)s), replaced as a whole by each run; an existing folder must be empty or hold an earlier compare run, else it is refused (choose another --out)")
     p.add_argument("--format", nargs="+", choices=("table", "json", "csv"), default=["table", "json", "csv"], help="outputs (default: all)")
     p.add_argument("--no-figures", action="store_true", help="do not draw figures")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled code in the checkpoint files (only for files you trust)")
@@ -44,14 +46,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the comparison, print the table, write JSON/CSV and figures."""
-    from cka_geo.atomic import atomic_dir
-    from cka_geo.compare import CompareOptions, compare_checkpoints
+    from cka_geo.commands._output import claim
+    from cka_geo.compare import CompareOptions, compare_checkpoints, resolve_device
     from cka_geo.errors import UsageError
     from cka_geo.report import describe_checkpoints, format_table, write_results
 
     for path in (args.pre, args.ft):
         if not Path(path).exists():
             raise UsageError(f"{path}: no such file")
+    resolve_device(args.device)
     opts = CompareOptions(
         data=args.data,
         sublayers=tuple(dict.fromkeys(args.sublayers)),
@@ -74,19 +77,23 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.quiet and args.progress is None:
         opts.progress = False
-    results = compare_checkpoints(args.pre, args.ft, opts)
-    if not args.quiet:
-        print("\n".join(describe_checkpoints(results)), file=sys.stderr)
     files = [f for f in args.format if f != "table"]
     written = []
-    if files or not args.no_figures:
-        with atomic_dir(args.out) as tmp:
-            write_results(results, tmp, tuple(files))
-            if not args.no_figures:
-                from cka_geo.plotting import plot_all
+    with contextlib.ExitStack() as stack:
+        out = None
+        if files or not args.no_figures:  # --out checked before the work, replaced whole after it
+            out = stack.enter_context(claim(args.out, NAME, inputs=(args.pre, args.ft, args.data)))
+        results = compare_checkpoints(args.pre, args.ft, opts)
+        if not args.quiet:
+            print("\n".join(describe_checkpoints(results)), file=sys.stderr)
+        if out is not None:
+            with out.replace() as tmp:
+                write_results(results, tmp, tuple(files))
+                if not args.no_figures:
+                    from cka_geo.plotting import plot_all
 
-                plot_all(results, tmp)
-            written = sorted(p.name for p in tmp.iterdir())
+                    plot_all(results, tmp)
+                written = sorted(p.name for p in tmp.iterdir())
     if "table" in args.format:
         print(format_table(results))
     if written and not args.quiet:

@@ -33,10 +33,12 @@ KINDS = ("attn", "fc1", "fc2", "block")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``cka-geo demo``."""
-    p.add_argument("--out", type=Path, default=Path("cka-geo-demo"), help="output directory (default ./cka-geo-demo)")
+    p.add_argument("--out", type=Path, default=Path("cka-geo-demo"),
+                   help="output folder (default ./cka-geo-demo), replaced as a whole when the demo is done; an "
+                        "existing folder must be empty or hold an earlier demo, else it is refused")
     p.add_argument("--threads", type=T.positive_int, default=None,
                    help="torch CPU threads (default: available cores, at most 4; use 1 on a busy machine)")
-    p.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
+    p.add_argument("--seed", type=T.seed_int, default=0, help="seed of everything (default 0)")
     p.add_argument("--pretrain-epochs", type=T.positive_int, default=30, help="MAE epochs (default 30)")
     p.add_argument("--finetune-epochs", type=T.positive_int, default=5, help="fine-tuning epochs (default 5)")
     p.add_argument("--samples", type=T.positive_int, default=512, help="probe images for CKA (default 512)")
@@ -114,6 +116,18 @@ def _figures(results: dict[str, dict[str, Any]], depth: int, fig_dir: Path) -> l
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; print the summary to stdout."""
+    from cka_geo.commands._output import claim
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    args.threads = T.set_threads(args.threads)
+    with claim(args.out, NAME) as out, out.replace() as tmp:  # --out checked first, replaced whole at the end
+        text = _run(args, tmp, lambda p: out.final(p, tmp), t0, c0)
+    print(text, end="")
+    return 0
+
+
+def _run(args: argparse.Namespace, out: Path, final: Any, t0: float, c0: float) -> str:
+    """Every step, writing into ``out``; ``final`` maps a path below ``out`` to where it will be."""
     import torch
 
     from cka_geo.atomic import write_text_atomic
@@ -121,9 +135,6 @@ def run(args: argparse.Namespace) -> int:
     from cka_geo.train.runs import build_vit, finetune, pretrain
     from cka_geo.vit import ViTConfig
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    args.threads = T.set_threads(args.threads)
-    out: Path = args.out
     depth = 2 if args.quick else 12
     p_epochs = 1 if args.quick else args.pretrain_epochs
     f_epochs = 1 if args.quick else args.finetune_epochs
@@ -152,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         fcfg = TrainConfig(epochs=f_epochs, batch_size=32, lr=1e-3, warmup_steps=20, seed=args.seed, progress=args.progress)
         res = finetune(pre.encoder_path, train, out / f"finetune_{decoder}", fcfg, task="segmentation",
                        num_outputs=2, decoder=decoder, decoder_channels=16, adaptation="full",
-                       val_data=val, test_data=test)
+                       val_data=val, test_data=test, source=str(final(pre.encoder_path)))
         timings[f"finetune_{decoder}_s"] = time.perf_counter() - t
         runs[decoder] = res
 
@@ -168,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
         t = time.perf_counter()
         r = compare_checkpoints(res.pre_path, res.ft_path, device="cpu", samples=samples, batch_size=64,
                                 seed=args.seed, bootstrap=200, progress=args.progress)
+        for record in r["checkpoints"].values():  # where the files will be, not the temporary folder
+            record["path"] = str(final(record["path"]))
         write_results(r, out / f"compare_{decoder}")
         try:  # the compare command's own figures: heatmap, depth profile, change bars
             from cka_geo.plotting import plot_all
@@ -178,19 +191,19 @@ def run(args: argparse.Namespace) -> int:
         timings[f"compare_{decoder}_s"] = time.perf_counter() - t
         results[decoder] = r
 
-    figures = _figures(results, depth, out / "figures") if results else []
+    figures = [final(p) for p in _figures(results, depth, out / "figures")] if results else []
     timings["total_s"] = time.perf_counter() - t0
     timings["total_cpu_s"] = time.process_time() - c0
-    summary = _summary(args, cfg, mae_loss, runs, results, timings, figures)
+    summary = _summary(args, cfg, mae_loss, runs, results, timings, figures, final)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     text = _summary_text(summary)
     write_text_atomic(out / "summary.md", text)
-    print(text, end="")
-    return 0
+    return text
 
 
 def _summary(args: argparse.Namespace, cfg: Any, mae_loss: list[float], runs: dict[str, Any],
-             results: dict[str, dict[str, Any]], timings: dict[str, float], figures: list[Path]) -> dict[str, Any]:
+             results: dict[str, dict[str, Any]], timings: dict[str, float], figures: list[Path],
+             final: Any = Path) -> dict[str, Any]:
     out: dict[str, Any] = {
         "model": cfg.to_dict(), "threads": args.threads, "seed": args.seed, "quick": args.quick,
         "pretrain": {"objective": "mae", "loss_first_epoch": mae_loss[0], "loss_last_epoch": mae_loss[-1],
@@ -202,7 +215,7 @@ def _summary(args: argparse.Namespace, cfg: Any, mae_loss: list[float], runs: di
     for decoder in SETTINGS:
         res = runs[decoder]
         entry: dict[str, Any] = {"label": _label(decoder, cfg.depth), "test": res.metrics.get("test", {}),
-                                 "pre": str(res.pre_path), "ft": str(res.ft_path)}
+                                 "pre": str(final(res.pre_path)), "ft": str(final(res.ft_path))}
         r = results.get(decoder)
         if r is not None:
             depth = cfg.depth

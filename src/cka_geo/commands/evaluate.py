@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=T.positive_int, default=64, help="batch size (default 64)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--threads", type=T.positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow pickled code in the checkpoint file (only for files you trust)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,9 +33,9 @@ def run(args: argparse.Namespace) -> int:
     path = args.checkpoint / "ft.pt" if args.checkpoint.is_dir() else args.checkpoint
     if not path.is_file():
         raise UsageError(f"{path}: no such checkpoint")
-    model = load_task_model(path)
+    model = load_task_model(path, trust=args.trust_checkpoint)
     cfg = model.encoder.cfg
-    data = T.embedded(args.split, model.task, cfg.img_size, cfg.in_chans)
+    data = T.embedded(args.split, model.task, cfg.img_size, cfg.in_chans, checkpoint=path)
     metrics = evaluate(model, data, args.batch_size)
     if args.json:
         print(json.dumps({"checkpoint": str(path), "split": args.split, "task": model.task, **metrics}))

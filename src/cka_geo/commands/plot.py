@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="directory for the figures (default: the directory of the results file)",
+        help="folder for the figures, added to what it holds (default: the folder of the results file)",
     )
     parser.add_argument(
         "--format",
@@ -49,10 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Read the results file, write every figure, print the written paths on stdout."""
+    from cka_geo.commands._output import Output
     from cka_geo.plotting import load_results, plot_all
 
-    results = load_results(args.results)
     out = args.out if args.out is not None else args.results.parent
+    if args.out is not None or args.results.is_file():  # a missing results file is refused by load_results
+        Output(out, NAME).check_location(replaced=False)  # a bad --out is refused before drawing
+    results = load_results(args.results)
     for path in plot_all(results, out, formats=args.format, dpi=args.dpi):
         print(path)
     return 0

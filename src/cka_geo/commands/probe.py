@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from cka_geo.commands import _training as T
 from cka_geo.errors import DataError, UsageError
@@ -26,7 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=T.positive_int, default=64, help="batch size (default 64)")
     p.add_argument("--cv-folds", type=T.positive_int, default=5, help="folds choosing the ridge strength (default 5)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--out", type=Path, default=None, help="write probe.json, probe.csv and probe_depth.png here")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write probe.json, probe.csv and probe_depth.png into this folder, replaced as a whole; "
+                        "an existing folder must be empty or hold an earlier probe run, else it is refused")
     p.add_argument("--no-figure", action="store_true", help="skip probe_depth.png")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow pickled code in the checkpoint file (only for files you trust)")
@@ -42,13 +45,32 @@ def _batches(data: object, batch_size: int) -> object:
 
 def run(args: argparse.Namespace) -> int:
     """Print the per-layer table and the best layer; write the files when ``--out`` is given."""
-    from cka_geo.checkpoints import build_model, load_checkpoint
-    from cka_geo.data import EmbeddedS2Tiles
-    from cka_geo.probing import probe_layers, write_probe
+    import contextlib
+
+    from cka_geo.commands._output import claim
+    from cka_geo.probing import write_probe
 
     T.set_threads(args.threads)
     if not args.checkpoint.is_file():
         raise UsageError(f"{args.checkpoint}: no such checkpoint")
+    device = T.resolve_device(args.device)
+    with contextlib.ExitStack() as stack:
+        out = None if args.out is None else stack.enter_context(claim(args.out, NAME, inputs=(args.checkpoint,)))
+        result = _probe(args, device)
+        print(result.format_table())
+        if out is not None:
+            with out.replace() as tmp:
+                written = write_probe(result, tmp, figure=not args.no_figure)
+            print(f"wrote {', '.join(p.name for p in written)} to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _probe(args: argparse.Namespace, device: str) -> Any:
+    """Load the checkpoint, run the tiles through it and fit the probes."""
+    from cka_geo.checkpoints import build_model, load_checkpoint
+    from cka_geo.data import EmbeddedS2Tiles
+    from cka_geo.probing import probe_layers
+
     loaded = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint, prefix=args.prefix)
     cfg = loaded.config
     img = getattr(cfg, "img_size", None) or getattr(cfg, "image_size", None)
@@ -70,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(
             f"{args.checkpoint}: the embedded tiles cannot serve a {bands}-band model (they serve {served} bands)"
         ) from None
-    model = build_model(loaded, device=T.resolve_device(args.device))
+    model = build_model(loaded, device=device)
     result = probe_layers(
         model, _batches(train, args.batch_size), _batches(test, args.batch_size),  # type: ignore[arg-type]
         task=args.task, sublayers=args.sublayers, pooling=args.pooling, cv_folds=args.cv_folds,
@@ -78,8 +100,4 @@ def run(args: argparse.Namespace) -> int:
     )
     result.extra.update({"checkpoint": str(args.checkpoint), "sha256": loaded.sha256, "tile_size": tile,
                          "bands": int(bands), "data": "embedded Sentinel-2 tiles (train/test splits)"})
-    print(result.format_table())
-    if args.out is not None:
-        written = write_probe(result, args.out, figure=not args.no_figure)
-        print(f"wrote {', '.join(p.name for p in written)} to {args.out}", file=sys.stderr)
-    return 0
+    return result

@@ -45,6 +45,21 @@ from cka_geo.train.callbacks import TrainContext, as_callbacks
 
 CHECKPOINT_FORMAT = "cka-geo-train/1"
 
+# Settings that may change when a run is resumed: how far it runs, where, and what it shows.
+RESUMABLE = frozenset({"train.epochs", "train.device", "train.progress", "train.stop_after_epoch",
+                       "train.log_every", "train.keep_checkpoints"})
+_CHECKPOINT_KEYS = {"model": dict, "optimizer": dict, "config": dict, "epoch": int, "step": int, "rng": dict,
+                    "history": dict}
+
+
+class ResumeMismatch(UsageError):
+    """A resumed run whose settings differ from the checkpoint's (``key`` dotted, e.g. ``train.lr``)."""
+
+    def __init__(self, path: str | Path, key: str, old: Any, new: Any) -> None:
+        super().__init__(f"{path}: the checkpoint's run has {key}={old!r}, this run {new!r}; "
+                         "resume with the same settings")
+        self.key, self.old, self.new = key, old, new
+
 
 @dataclass
 class TrainConfig:
@@ -227,7 +242,46 @@ def load_train_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{p}: cannot read training checkpoint ({type(exc).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{p}: not a cka-geo training checkpoint (format {CHECKPOINT_FORMAT})")
+    for key, kind in _CHECKPOINT_KEYS.items():
+        if not isinstance(ckpt.get(key), kind):
+            raise CheckpointError(f"{p}: incomplete training checkpoint ({key!r} missing or not a {kind.__name__})")
+    if not isinstance(ckpt["config"].get("train"), dict) or "generator" not in ckpt["rng"]:
+        raise CheckpointError(f"{p}: incomplete training checkpoint (no train config or generator state)")
     return ckpt
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: list(d) if isinstance(d, tuple) else d}
+
+
+def stored_config(cfg: TrainConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What :func:`fit` stores as a checkpoint's ``config``: the loop settings and ``extra``."""
+    return {"train": asdict(cfg), **(extra or {})}
+
+
+def check_resume(ckpt: dict[str, Any], config: dict[str, Any], path: str | Path) -> None:
+    """Refuse to resume when a setting that shapes the run differs from the checkpoint's.
+
+    Everything stored in the checkpoint's config must match ``config`` (the loop settings,
+    the objective, the model, the task, the data), except :data:`RESUMABLE` (epochs to run
+    to, device, progress bar, logging, checkpoints kept). Settings the checkpoint does not
+    store (written by an older version) are not compared.
+
+    Raises:
+        ResumeMismatch: Naming the first differing setting.
+    """
+    old, new = _flat(ckpt["config"]), _flat(config)
+    keys = [*new, *(k for k in old if k not in new)]
+    for key in sorted(keys, key=lambda k: k != "kind"):  # a pretrain vs finetune checkpoint first
+        if key in RESUMABLE or key not in old:
+            continue
+        if old[key] != new.get(key):
+            raise ResumeMismatch(path, key, old[key], new.get(key))
 
 
 def fit(
@@ -265,30 +319,30 @@ def fit(
     out = Path(out_dir) if out_dir is not None else None
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    try:
-        device = torch.device(cfg.device)
-    except RuntimeError:
-        raise UsageError(f"unknown device {cfg.device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {cfg.device!r} requested but CUDA is not available")
+    from cka_geo.devices import resolve_device
+
+    device = resolve_device(cfg.device)
+    config = stored_config(cfg, run_config)
+    ckpt = None
+    if resume is not None:
+        ckpt = load_train_checkpoint(resume)
+        check_resume(ckpt, config, resume)
     model.to(device)
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
-    config = {"train": asdict(cfg), **(run_config or {})}
     history: dict[str, list[dict[str, Any]]] = {"epochs": [], "steps": []}
     start_epoch, step = 0, 0
 
-    if resume is not None:
-        ckpt = load_train_checkpoint(resume)
-        old = ckpt["config"].get("train", {})
-        for key in ("batch_size", "epochs", "seed", "lr"):
-            if old.get(key) != config["train"][key]:
-                raise UsageError(f"{resume}: checkpoint has {key}={old.get(key)!r} but this run {config['train'][key]!r}")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["rng"]["generator"])
-        _set_rng_state(ckpt["rng"])
-        start_epoch, step, history = int(ckpt["epoch"]), int(ckpt["step"]), ckpt["history"]
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            gen.set_state(ckpt["rng"]["generator"])
+            _set_rng_state(ckpt["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+            raise CheckpointError(f"{resume}: the checkpoint does not fit this run's model ({reason})") from None
+        start_epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
 
     ctx = TrainContext(model=model, encoder=getattr(model, "encoder", None), step=step,
                        epoch=start_epoch, epochs=cfg.epochs, out_dir=out)
@@ -322,7 +376,8 @@ def fit(
                     group["lr"] = lr
                 loss, logs = model.training_step(batch, gen)
                 if not torch.isfinite(loss):
-                    raise CkaGeoError(f"loss became {float(loss)} at step {step} (epoch {epoch}); lower --lr")
+                    raise CkaGeoError(f"loss became {float(loss)} at step {step} (epoch {epoch}); "
+                                      "lower the learning rate")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
@@ -380,8 +435,8 @@ def _save(out: Path, epochs_done: int, step: int, model: nn.Module, opt: torch.o
     }
     ckdir = out / "checkpoints"
     path = ckdir / f"epoch_{epochs_done:03d}.pt"
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: a full disk is an OSError
+        torch.save(ckpt, fh)
     with atomic_path(ckdir / "last.pt") as tmp:
         shutil.copyfile(path, tmp)
     if keep is not None:
@@ -392,13 +447,17 @@ def _save(out: Path, epochs_done: int, step: int, model: nn.Module, opt: torch.o
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "RESUMABLE",
+    "ResumeMismatch",
     "TrainConfig",
     "TrainResult",
+    "check_resume",
     "fit",
     "get_lr",
     "isolated",
     "load_train_checkpoint",
     "make_optimizer",
     "seed_everything",
+    "stored_config",
     "write_metrics",
 ]

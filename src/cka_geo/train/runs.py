@@ -25,7 +25,15 @@ from torch.utils.data import Subset
 
 from cka_geo.atomic import write_text_atomic
 from cka_geo.errors import CheckpointError
-from cka_geo.train.loop import TrainConfig, TrainResult, fit, seed_everything
+from cka_geo.train.loop import (
+    TrainConfig,
+    TrainResult,
+    check_resume,
+    fit,
+    load_train_checkpoint,
+    seed_everything,
+    stored_config,
+)
 from cka_geo.train.objectives import build_objective
 from cka_geo.train.tasks import (
     TaskModel,
@@ -62,6 +70,7 @@ def pretrain(
     objective_kwargs: dict[str, Any] | None = None,
     callbacks: list[Any] | None = None,
     resume: str | Path | None = None,
+    run_info: dict[str, Any] | None = None,
 ) -> PretrainResult:
     """Self-supervised pretraining; writes ``pretrained.pt`` when all epochs are done.
 
@@ -73,7 +82,9 @@ def pretrain(
         objective: ``"mae"`` or ``"simclr"``.
         objective_kwargs: Passed to the objective (e.g. ``mask_ratio``, ``decoder_dim``).
         callbacks: Loop callbacks.
-        resume: Training checkpoint to continue from.
+        resume: Training checkpoint to continue from (refused when its run's settings differ:
+            see :func:`~cka_geo.train.loop.check_resume`).
+        run_info: More settings to store and to compare on resume (e.g. the data's stride).
     """
     from cka_geo.checkpoints import save_checkpoint
 
@@ -82,7 +93,7 @@ def pretrain(
     torch.manual_seed(cfg.seed)  # the objective's own initialisation
     model = build_objective(objective, encoder, **kwargs)
     run_config = {"kind": "pretrain", "objective": objective, "objective_kwargs": kwargs,
-                  "encoder": encoder.cfg.to_dict()}
+                  "encoder": encoder.cfg.to_dict(), **(run_info or {})}
     res = fit(model, train_data, cfg, out, callbacks=callbacks, resume=resume, run_config=run_config)
     path = None
     if res.finished:
@@ -137,6 +148,8 @@ def finetune(
     callbacks: list[Any] | None = None,
     resume: str | Path | None = None,
     trust: bool = False,
+    run_info: dict[str, Any] | None = None,
+    source: str | None = None,
 ) -> FinetuneResult:
     """Fine-tune an encoder for a task; writes ``pre.pt``, ``ft.pt`` and ``eval.json``.
 
@@ -158,16 +171,20 @@ def finetune(
         val_data: Evaluated after every epoch and at the end.
         test_data: Evaluated at the end.
         callbacks: Loop callbacks.
-        resume: Training checkpoint to continue from.
+        resume: Training checkpoint to continue from (refused, before anything is written,
+            when its run's settings or starting encoder differ: see
+            :func:`~cka_geo.train.loop.check_resume`).
         trust: Allow pickle for reading ``pre`` (see :func:`~cka_geo.checkpoints.load_checkpoint`).
+        run_info: More settings to store and to compare on resume (e.g. the data's stride).
+        source: What ``pre.pt`` records as its origin (default: ``pre`` when it is a path).
     """
     from cka_geo.checkpoints import save_checkpoint
 
     out = Path(out_dir)
     encoder = pre if isinstance(pre, VisionTransformer) else load_encoder(pre, trust=trust)
-    pre_path = save_checkpoint(out / "pre.pt", encoder, encoder.cfg, extra={
-        "kind": "pre", "source": str(pre) if not isinstance(pre, VisionTransformer) else "",
-    })
+    if source is None:
+        source = str(pre) if not isinstance(pre, VisionTransformer) else ""
+    pre_sha256 = _state_digest(encoder)
     torch.manual_seed(cfg.seed)  # the head's initialisation
     model = TaskModel(encoder, task, num_outputs, decoder=decoder, taps=taps,
                       decoder_channels=decoder_channels, ignore_index=ignore_index)
@@ -178,8 +195,11 @@ def finetune(
         indices = stratified_indices(strata, label_fraction, fraction_seed).tolist()
     data = train_data if len(indices) == len(train_data) else Subset(train_data, indices)
     run_config = {"kind": "finetune", "task": model.config(), "encoder": encoder.cfg.to_dict(),
-                  "label_fraction": label_fraction, "fraction_seed": fraction_seed,
-                  "train_samples": len(indices)}
+                  "pre_sha256": pre_sha256, "label_fraction": label_fraction, "fraction_seed": fraction_seed,
+                  "train_samples": len(indices), **(run_info or {})}
+    if resume is not None:  # refuse a mismatch before pre.pt is written
+        check_resume(load_train_checkpoint(resume), stored_config(cfg, run_config), resume)
+    pre_path = save_checkpoint(out / "pre.pt", encoder, encoder.cfg, extra={"kind": "pre", "source": source})
     val_fn = (lambda m: evaluate(m, val_data, cfg.batch_size)) if val_data is not None else None
     res = fit(model, data, cfg, out, val_fn=val_fn, callbacks=callbacks, resume=resume, run_config=run_config)
     result = FinetuneResult(pre_path, None, res, train_indices=indices)
@@ -200,6 +220,18 @@ def finetune(
         {"task": model.config(), "label_fraction": label_fraction, "train_samples": len(indices),
          "metrics": result.metrics}, indent=1) + "\n")
     return result
+
+
+def _state_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's state (names, dtypes, shapes and bytes): which encoder a run started from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_task_model(path: str | Path, trust: bool = False) -> TaskModel:
