@@ -177,7 +177,7 @@ def test_whole_pickled_module_is_read_without_running_it(tmp_path):
     loaded = load_checkpoint(path)
     assert not (tmp_path / "pwned").exists()
     assert loaded.prefix == "model."
-    assert any("cka_geo.vit.VisionTransformer" in n for n in loaded.notes)
+    assert any("cka_geo.models.vit.VisionTransformer" in n for n in loaded.notes)
     x = torch.randn(2, 6, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(build_model(loaded)(x), model(x))
