@@ -161,8 +161,8 @@ def test_hf_dinov2_registers_layerscale_swiglu(tmp_path):
     assert (c.reg_tokens, c.mlp_type, c.act, c.no_embed_class) == (2, "swiglu", "silu", True)
     assert build_model(loaded).num_prefix_tokens == 3
     assert_matches(loaded, gen, (32, 32))
-    # DINOv2 resizes positions (bicubic, no antialiasing): another size runs
-    assert c.dynamic_img_size and not c.pos_embed_antialias
+    # Dinov2WithRegisters resizes positions (bicubic, antialiased): another size runs
+    assert c.dynamic_img_size and c.pos_embed_antialias
 
 
 def test_hf_5x_state_dict_file_without_config_warns_heads(tmp_path):

@@ -14,8 +14,9 @@ Two key layouts are read (keys relative to the model's prefix, e.g. ``vit.``):
 
 Mapping: q, k, v are stacked into ``attn.qkv``; DINOv2 registers (``register_tokens``) become
 timm's ``reg_token`` with ``no_embed_class``, the class token's position folded into the
-class token (as timm's own DINOv2 conversion); HF resizes positions by bicubic interpolation
-without antialiasing (``pos_embed_antialias=False``). ``config.json`` supplies heads, LayerNorm
+class token (as timm's own DINOv2 conversion); HF ViT / DINOv2 resize positions by bicubic
+interpolation without antialiasing (``pos_embed_antialias=False``), DINOv2 with registers
+with it. ``config.json`` supplies heads, LayerNorm
 eps, activation and image size; without it, known facts or assumptions (see
 :mod:`~cka_geo.checkpoints.known`).
 """
@@ -143,6 +144,7 @@ def to_timm(sd: dict[str, torch.Tensor], notes: list[str]) -> tuple[dict[str, to
         out["cls_token"] = cls + pos[:, :1]
         out["pos_embed"] = pos[:, 1:]
         facts["no_embed_class"] = True
+        facts["pos_embed_antialias"] = True  # Dinov2WithRegisters resizes with antialias=True
         notes.append("DINOv2 registers: the class token's position folded into cls_token (timm no_embed_class)")
     notes.append(f"Hugging Face layout converted to timm names ({len(out)} tensors)")
     return out, ignored, facts
