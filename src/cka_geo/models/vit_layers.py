@@ -5,9 +5,13 @@ Shapes are written as (batch, tokens, width) = (B, T, D).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cka_geo.errors import DataError
 
 #: Activations by config name: exact GELU (timm, HF ``gelu``), tanh GELU (HF ``gelu_new``,
 #: ``gelu_pytorch_tanh``), QuickGELU (OpenAI CLIP weights), SiLU (the gate of SwiGLU).
@@ -127,3 +131,39 @@ class GluMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+def resample_pos_embed(
+    pos_embed: torch.Tensor,
+    new_grid: tuple[int, int],
+    num_prefix_tokens: int,
+    old_grid: tuple[int, int] | None = None,
+    antialias: bool = True,
+) -> torch.Tensor:
+    """Resample an absolute position embedding to another patch grid.
+
+    Args:
+        pos_embed: (1, prefix + rows*cols, D).
+        new_grid: (rows, cols) of the new grid.
+        num_prefix_tokens: Leading tokens (class token) kept as they are.
+        old_grid: (rows, cols) of the stored grid; default: square.
+        antialias: Bicubic with antialiasing (timm) or without (Hugging Face, TerraMind).
+
+    Returns:
+        (1, prefix + rows*cols, D), bicubic interpolation of the grid part.
+    """
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    if old_grid is None:
+        old = math.isqrt(grid.shape[1])
+        if old * old != grid.shape[1]:
+            raise DataError(f"pos_embed grid of {grid.shape[1]} tokens is not square")
+        old_grid = (old, old)
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    d = grid.shape[-1]
+    grid = grid.reshape(1, old_grid[0], old_grid[1], d).permute(0, 3, 1, 2)
+    if grid.dtype not in (torch.float32, torch.float64):
+        grid = grid.float()
+    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False, antialias=antialias)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], d).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
