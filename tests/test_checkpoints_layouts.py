@@ -228,7 +228,8 @@ def test_mae_finetuned_fc_norm(tmp_path):
 
 
 def test_prithvi_eo1_conv3d_raw_with_decoder(tmp_path):
-    model = tiny_vit(in_chans=6)
+    # Prithvi (TerraTorch prithvi_mae.py) uses nn.LayerNorm's default eps 1e-5: a known fact
+    model = tiny_vit(in_chans=6, norm_eps=1e-5)
     sd = prefixed(model, "")
     sd["patch_embed.proj.weight"] = sd["patch_embed.proj.weight"].unsqueeze(2)  # Conv3d, tubelet 1
     sd.update(decoder_keys(""))
@@ -236,11 +237,13 @@ def test_prithvi_eo1_conv3d_raw_with_decoder(tmp_path):
     loaded = load_checkpoint(tmp_path / "Prithvi_100M.pt")
     assert loaded.prefix == "" and loaded.config.in_chans == 6
     assert any("Conv3d" in n for n in loaded.notes)
+    assert loaded.source == "prithvi" and loaded.config.norm_eps == 1e-5
+    assert any(n.startswith("norm_eps=1e-05 (prithvi fact") for n in loaded.notes)
     assert_same_function(build_model(loaded), model, bands=6)
 
 
 def test_prithvi_eo2_encoder_prefix_and_decoder(tmp_path):
-    model = tiny_vit(in_chans=6)
+    model = tiny_vit(in_chans=6, norm_eps=1e-5)
     sd = prefixed(model, "encoder.")
     sd["encoder.patch_embed.proj.weight"] = sd["encoder.patch_embed.proj.weight"].unsqueeze(2)
     sd.update(decoder_keys("decoder."))
@@ -418,22 +421,37 @@ def test_open_clip_full_clip_state_dict(tmp_path, name, bands, patch):
         save_file(sd, str(path))
     else:
         torch.save(sd, path)
-    loaded = load_checkpoint(path)
-    assert loaded.family == "open_clip" and loaded.prefix == "visual."
+    with pytest.warns(RuntimeWarning, match=r"assumed act=gelu .*override: load_checkpoint\(act="):
+        loaded = load_checkpoint(path, num_heads=1)
+    # converted on load into the timm-named ViT (ln_pre -> norm_pre, in_proj -> qkv)
+    assert loaded.family == "timm" and loaded.source == "open_clip" and loaded.prefix == "visual."
+    assert loaded.assumed == ["act=gelu"]
     cfg = loaded.config
-    assert (cfg.width, cfg.layers, cfg.in_chans, cfg.patch_size, cfg.image_size) == (
-        64,
-        2,
-        bands,
-        patch,
-        32,
-    )
-    assert (cfg.mlp_hidden_dim, cfg.output_dim, cfg.heads) == (256, 16, 1)
+    assert (cfg.embed_dim, cfg.depth, cfg.in_chans, cfg.patch_size, cfg.img_size) == (64, 2, bands, patch, 32)
+    assert (cfg.hidden_dim, cfg.num_heads, cfg.pre_norm, cfg.norm_eps) == (256, 1, True, 1e-5)
     assert ("", 2) in loaded.candidates  # the text tower, listed but not chosen
     assert "token_embedding.weight" in loaded.ignored and "logit_scale" in loaded.ignored
+    assert "visual.proj" in loaded.ignored  # the joint-embedding projection, kept aside
     built = build_model(loaded)
-    assert built.batch_first is False and built.num_prefix_tokens == 1
-    assert_same_function(built, visual, bands=bands)
+    assert built.batch_first is True and built.num_prefix_tokens == 1
+    assert_same_sublayers(built, visual, bands=bands)
+
+
+def assert_same_sublayers(built: torch.nn.Module, tower: OpenClipVisionTransformer, bands: int = 3):
+    """Every canonical sublayer of the converted ViT equals the open_clip tower's own module."""
+    from cka_geo.features import capture, forward_batch
+
+    x = torch.randn(2, bands, 32, 32)
+    names = list(tower.canonical_sublayers())
+    with capture(built, names, pooling="flatten") as cap:
+        mine = forward_batch(built, x, cap).features
+    with capture(tower, names, pooling="flatten") as cap:
+        theirs = forward_batch(tower, x, cap).features
+    for name in names:
+        torch.testing.assert_close(mine[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():
+        pooled = built.forward_head(built.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(pooled @ tower.proj, tower(x), rtol=1e-5, atol=1e-6)
 
 
 def test_open_clip_heads_given(tmp_path):
@@ -442,9 +460,22 @@ def test_open_clip_heads_given(tmp_path):
         {"state_dict": {f"module.visual.{k}": v for k, v in visual.state_dict().items()}},
         tmp_path / "c.pt",
     )
-    loaded = load_checkpoint(tmp_path / "c.pt", num_heads=4)
-    assert loaded.prefix == "state_dict.module.visual." and loaded.config.heads == 4
-    assert_same_function(build_model(loaded), visual, bands=3)
+    loaded = load_checkpoint(tmp_path / "c.pt", num_heads=4, act="gelu")
+    assert loaded.prefix == "state_dict.module.visual." and loaded.config.num_heads == 4
+    assert loaded.assumed == []
+    assert_same_sublayers(build_model(loaded), visual, bands=3)
+
+
+def test_open_clip_quick_gelu_stored(tmp_path):
+    """OpenAI-style weights run QuickGELU; a stored open_clip config says so."""
+    cfg = OpenClipVisionConfig(image_size=32, patch_size=8, width=64, layers=2, heads=2,
+                               mlp_hidden_dim=128, output_dim=16, act="quick_gelu")
+    visual = randomise(OpenClipVisionTransformer(cfg))
+    torch.save({"state_dict": {f"visual.{k}": v for k, v in visual.state_dict().items()},
+                "model_cfg": {"quick_gelu": True, "vision_cfg": {"heads": 2}}}, tmp_path / "q.pt")
+    loaded = load_checkpoint(tmp_path / "q.pt")
+    assert (loaded.config.act, loaded.config.num_heads, loaded.assumed) == ("quick_gelu", 2, [])
+    assert_same_sublayers(build_model(loaded), visual, bands=3)
 
 
 def test_open_clip_canonical_sublayers_and_sequence_first():

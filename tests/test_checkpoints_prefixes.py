@@ -78,20 +78,24 @@ def test_encoder_found_under_any_wrapping(container, wrappers, decoder, head, su
         assert any(n.startswith("unwrapped ckpt[") for n in loaded.notes)
 
 
-@pytest.mark.parametrize("part", ["norm_pre.weight", "reg_token", "dist_token"])
-def test_unimplemented_timm_parts_are_refused_not_ignored(tmp_path, part):
-    sd = dict(SD)
+@pytest.mark.parametrize(
+    ("part", "field", "value"),
+    [("norm_pre.weight", "pre_norm", True), ("reg_token", "reg_tokens", 1), ("dist_token", "dist_token", True)],
+)
+def test_timm_variant_parts_are_built_not_ignored(tmp_path, part, field, value):
+    """Register / distillation tokens and a pre-norm are parts of the ViT now, never dropped."""
+    sd = {k: v for k, v in SD.items() if k != "pos_embed"}
     sd[part] = torch.zeros(1, 1, 32) if part.endswith("token") else torch.ones(32)
     torch.save(sd, tmp_path / "v.pt")
-    with pytest.raises(CheckpointError, match=r"v\.pt: .* is not supported"):
-        load_checkpoint(tmp_path / "v.pt")
+    loaded = load_checkpoint(tmp_path / "v.pt", num_heads=CFG.num_heads)
+    assert getattr(loaded.config, field) == value and part in loaded.state_dict
 
 
 def test_unknown_block_key_is_named(tmp_path):
     sd = dict(SD)
-    sd["blocks.0.attn.q_norm.weight"] = torch.ones(32)
+    sd["blocks.0.attn.rel_pos_h"] = torch.ones(32)
     torch.save(sd, tmp_path / "q.pt")
     with pytest.raises(
-        CheckpointError, match=r"q\.pt: encoder has 1 key\(s\) .* 'blocks\.0\.attn\.q_norm\.weight'"
+        CheckpointError, match=r"q\.pt: encoder has 1 key\(s\) .* 'blocks\.0\.attn\.rel_pos_h'"
     ):
         load_checkpoint(tmp_path / "q.pt")

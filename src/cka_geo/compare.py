@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from cka_geo import __version__
 from cka_geo.accumulator import CKAResult, MinibatchCKA
@@ -157,25 +158,31 @@ def resolve_device(device: str) -> torch.device:
     return resolve(device)
 
 
-def _model_geometry(loaded: LoadedCheckpoint) -> tuple[int, int]:
+def _model_geometry(loaded: LoadedCheckpoint) -> tuple[int, int | tuple[int, int]]:
     cfg = loaded.config
     size = getattr(cfg, "img_size", None) or cfg.image_size
-    return int(cfg.in_chans), int(size)
+    return int(cfg.in_chans), size if isinstance(size, tuple) else int(size)
 
 
 def probe_batches(
-    opts: CompareOptions, bands: int, size: int
+    opts: CompareOptions, bands: int, size: int | tuple[int, int]
 ) -> tuple[Iterator[torch.Tensor], int, str, tuple[int, ...]]:
     """The probe images in batches, how many there are, a description for the record, and
-    the shape of one image ((C, H, W), or (T, C, H, W) for a time series)."""
+    the shape of one image ((C, H, W), or (T, C, H, W) for a time series). ``size`` may be
+    (height, width): the embedded crops are then cut to that rectangle."""
     from cka_geo.data import ImageFolder, iter_probe_batches, load_array_probes
     from cka_geo.data.folders import iter_batches
 
     if opts.data is None:
         n = opts.samples or DEFAULT_SAMPLES
-        desc = f"embedded Sentinel-2 L1C crops (seed {opts.seed})"
-        batches = iter_probe_batches(n, bands=bands, size=size, batch_size=opts.batch_size, seed=opts.seed)
-        return batches, n, desc, (bands, size, size)
+        h, w = size if isinstance(size, tuple) else (size, size)
+        desc = f"embedded Sentinel-2 L1C crops (seed {opts.seed})" + (f", cut to {h}x{w}" if h != w else "")
+        batches = iter_probe_batches(n, bands=bands, size=max(h, w), batch_size=opts.batch_size, seed=opts.seed)
+        if h != w:
+            batches = (b[..., :h, :w] for b in batches)
+        return batches, n, desc, (bands, h, w)
+    if isinstance(size, tuple):
+        raise DataError("--data with a rectangular model is not supported yet (use the embedded probes)")
     path = Path(opts.data)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder (--data)")
@@ -394,6 +401,8 @@ def _checkpoint_record(loaded: LoadedCheckpoint) -> dict[str, Any]:
         "candidates": [list(c) for c in loaded.candidates],
         "ignored_keys": len(loaded.ignored),
         "notes": list(loaded.notes),
+        "source": loaded.source,
+        "assumed": list(loaded.assumed),
     }
 
 
@@ -467,12 +476,18 @@ def summarize(
     return out
 
 
-def compare_checkpoints(pre: str | Path, ft: str | Path, options: CompareOptions | None = None, **kwargs: Any) -> CompareResult:
+def compare_checkpoints(
+    pre: str | Path | nn.Module | dict,
+    ft: str | Path | nn.Module | dict,
+    options: CompareOptions | None = None,
+    **kwargs: Any,
+) -> CompareResult:
     """Compare two checkpoints of one ViT and return the results (schema ``cka-geo/compare/v1``).
 
     Args:
-        pre: The pretrained checkpoint.
-        ft: The fine-tuned checkpoint.
+        pre: The pretrained checkpoint: a file, a Hugging Face folder, or in memory (an
+            ``nn.Module`` of timm, Hugging Face, open_clip or cka-geo, or a state dict).
+        ft: The fine-tuned checkpoint, likewise.
         options: A :class:`CompareOptions`; keyword arguments override its fields.
 
     Returns:
@@ -489,8 +504,7 @@ def compare_checkpoints(pre: str | Path, ft: str | Path, options: CompareOptions
     opts = dataclasses.replace(options or CompareOptions(), **kwargs)
     opts.validate()
     device = resolve_device(opts.device)
-    a = load_checkpoint(pre, trust=opts.trust, prefix=opts.prefix, num_heads=opts.num_heads)
-    b = load_checkpoint(ft, trust=opts.trust, prefix=opts.prefix, num_heads=opts.num_heads)
+    a, b = (_load_any(x, opts) for x in (pre, ft))
     if opts.num_heads is None:
         share_stored_heads(a, b)
     pair = check_pair(a, b)
@@ -505,6 +519,26 @@ def compare_checkpoints(pre: str | Path, ft: str | Path, options: CompareOptions
     check_memory(model_pre, names, shape, opts, n, device)
     result = run_cka(model_pre, model_ft, names, batches, opts, n)
     return build_results(result, names, opts, a, b, pair, data_desc, device)
+
+
+def compare_models(
+    model_a: nn.Module | dict, model_b: nn.Module | dict, options: CompareOptions | None = None, **kwargs: Any
+) -> CompareResult:
+    """:func:`compare_checkpoints` of two in-memory models or state dicts (same options).
+
+    A timm, Hugging Face, open_clip or cka-geo ViT is converted through its state dict and
+    what it states about itself (``config``, its modules' ``num_heads`` / ``eps`` /
+    activation): no library is imported. Canonical names are those of the files.
+    """
+    return compare_checkpoints(model_a, model_b, options, **kwargs)
+
+
+def _load_any(x: Any, opts: CompareOptions) -> LoadedCheckpoint:
+    if isinstance(x, (nn.Module, dict)):
+        from cka_geo.checkpoints.memory import load_model
+
+        return load_model(x, prefix=opts.prefix, num_heads=opts.num_heads)
+    return load_checkpoint(x, trust=opts.trust, prefix=opts.prefix, num_heads=opts.num_heads)
 
 
 def build_results(

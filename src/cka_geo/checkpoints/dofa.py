@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from cka_geo.checkpoints.infer import block_indices, infer_timm
+from cka_geo.checkpoints.known import Hparams
 from cka_geo.checkpoints.limits import MAX_HIDDEN, MAX_PATCH_SIZE, MAX_WIDTH, bounded, check_config
 from cka_geo.errors import CheckpointError, UsageError
 from cka_geo.models.dofa import S2_WAVELENGTHS, DofaConfig
@@ -139,10 +140,9 @@ def _need(sd: dict[str, torch.Tensor], key: str, ndim: int) -> torch.Tensor:
 
 def infer(
     sd: dict[str, torch.Tensor],
-    notes: list[str],
+    hp: Hparams,
+    layout: dict[str, object] | None,
     *,
-    num_heads: int | None,
-    stored_heads: tuple[int, str] | None,
     wavelengths: Wavelengths,
     others: dict[str, Any],
 ) -> DofaConfig:
@@ -153,6 +153,7 @@ def infer(
         CheckpointError: Missing or inconsistent generator keys, sizes beyond the limits,
             wavelengths that cannot be resolved (one line).
     """
+    notes = hp.notes
     fc_bias = _need(sd, f"{_GEN}fc_bias.weight", 2)
     fc_weight = _need(sd, f"{_GEN}fc_weight.weight", 2)
     tokens = _need(sd, f"{_GEN}weight_tokens", 2)
@@ -183,7 +184,7 @@ def infer(
     body = {k: v for k, v in sd.items() if not k.startswith("patch_embed.")}
     body["patch_embed.proj.weight"] = torch.empty(width, len(wl), patch, patch, device="meta")
     body["patch_embed.proj.bias"] = torch.empty(width, device="meta")
-    base = infer_timm(body, notes, num_heads=num_heads, stored_heads=stored_heads)
+    base = infer_timm(body, hp, layout)
     sd.update({k: v for k, v in body.items() if not k.startswith("patch_embed.") and k not in sd})
     notes.append(
         f"DOFA: patch embedding generated from wavelengths (patch {patch}, generator width {dyn}, "

@@ -1,10 +1,11 @@
-"""Inferring the architecture from an encoder state dict (keys relative to the encoder).
+"""Inferring the architecture from a timm-named encoder state dict (keys relative to the encoder).
 
 What the weights tell: depth, width, bands, patch size, image size (from the position
-embedding), MLP hidden width, qkv bias, layer scale, class token, final norm vs fc_norm. What
-they do not: the number of heads (``width / 64`` unless given or stored), LayerNorm epsilon
-(1e-6 for timm, 1e-5 for open_clip) and open_clip's activation (GELU, not QuickGELU). Every
-assumption is written to ``notes``.
+embedding), MLP hidden width and type (plain or packed SwiGLU), qkv bias, q/k norm, layer
+scale, class / distillation / register tokens, pre-norm, final norm vs fc_norm. What they do
+not (heads, LayerNorm epsilon, activation, a rectangular image size) comes from
+:class:`~cka_geo.checkpoints.known.Hparams`: given > stored > known family > assumed with a
+warning. Every fact is written to ``notes``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 
 import torch
 
+from cka_geo.checkpoints.known import Hparams
 from cka_geo.checkpoints.limits import (
     MAX_BANDS,
     MAX_BLOCKS,
@@ -25,28 +27,9 @@ from cka_geo.checkpoints.limits import (
     check_config,
 )
 from cka_geo.errors import CheckpointError
-from cka_geo.models.openclip import OpenClipVisionConfig
 from cka_geo.models.vit import ViTConfig
 
 DEFAULT_IMG_SIZE = 224
-
-
-def default_heads(
-    width: int, num_heads: int | None, stored: tuple[int, str] | None, notes: list[str]
-) -> int:
-    """Heads: given > stored > width / 64 (1 when width is not a multiple of 64)."""
-    if num_heads is not None:
-        notes.append(f"num_heads={num_heads} as given")
-        return num_heads
-    if stored is not None:
-        notes.append(f"num_heads={stored[0]} read from {stored[1]}")
-        return stored[0]
-    heads = width // 64 if width % 64 == 0 else 1
-    notes.append(
-        f"num_heads={heads} assumed (width {width} / 64; weights do not record it): "
-        "pass num_heads if the model used another"
-    )
-    return heads
 
 
 def block_indices(sd: dict[str, torch.Tensor], pattern: str) -> list[int]:
@@ -123,20 +106,91 @@ def _fill_zero_biases(sd: dict[str, torch.Tensor], weights: list[str], notes: li
         )
 
 
-def infer_timm(
-    sd: dict[str, torch.Tensor],
-    notes: list[str],
-    *,
-    num_heads: int | None,
-    stored_heads: tuple[int, str] | None,
-) -> ViTConfig:
+def adapt_variants(sd: dict[str, torch.Tensor], notes: list[str]) -> None:
+    """Rename exact equivalents in place: EVA/BEiT ``attn.q_bias``/``v_bias`` -> ``attn.qkv.bias``
+    (k bias 0), timm's unpacked SwiGLU ``fc1_g``/``fc1_x`` and DINOv2's ``w12``/``w3`` ->
+    packed ``fc1``/``fc2``, EVA's ``gamma_1``/``gamma_2`` -> ``ls1``/``ls2``."""
+    done: set[str] = set()
+    for key in list(sd):
+        m = re.match(r"^(blocks\.\d{1,9})\.(.+)$", key)
+        if m is None or key not in sd:
+            continue
+        blk, rest = m[1], m[2]
+        if rest == "attn.q_bias" and f"{blk}.attn.v_bias" in sd:
+            q, v = sd.pop(key), sd.pop(f"{blk}.attn.v_bias")
+            sd[f"{blk}.attn.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+            done.add("q_bias/v_bias -> qkv.bias (k bias 0)")
+        elif rest.startswith("mlp.fc1_g.") and f"{blk}.mlp.fc1_x.{rest[10:]}" in sd:
+            g, x = sd.pop(key), sd.pop(f"{blk}.mlp.fc1_x.{rest[10:]}")
+            sd[f"{blk}.mlp.fc1.{rest[10:]}"] = torch.cat([g, x])
+            done.add("SwiGLU fc1_g/fc1_x -> packed fc1 (gate first)")
+        elif rest.startswith(("mlp.w12.", "mlp.w3.")):
+            new = rest.replace("mlp.w12.", "mlp.fc1.").replace("mlp.w3.", "mlp.fc2.")
+            sd[f"{blk}.{new}"] = sd.pop(key)
+            done.add("DINOv2 w12/w3 -> fc1/fc2")
+        elif rest in ("gamma_1", "gamma_2"):
+            sd[f"{blk}.ls{rest[-1]}.gamma"] = sd.pop(key)
+            done.add("gamma_1/gamma_2 -> ls1/ls2")
+    if done:
+        notes.append("renamed exact equivalents: " + "; ".join(sorted(done)))
+
+
+def _pos_grid(
+    tokens: int, prefix: int, patch: int, hp: Hparams, what: str
+) -> tuple[int | tuple[int, int], bool]:
+    """(image size, no_embed_class) from the token count of ``pos_embed``.
+
+    A stored or given image size decides (rectangular grids need one); else
+    ``tokens - prefix`` a square grid (positions cover the prefix tokens), else ``tokens``
+    a square grid (timm ``no_embed_class``), which is an assumption when a prefix token
+    exists: a rectangle of ``tokens - prefix`` cells would fit too.
+    """
+    given = hp.given.get("img_size")
+    for size, where in ((given, "given"), (hp.stored.get("img_size", (None, ""))[0], "stored")):
+        if size is None:
+            continue
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        cells = (hw[0] // patch) * (hw[1] // patch) if len(hw) == 2 and not (hw[0] % patch or hw[1] % patch) else -1
+        if cells > 0 and tokens in (cells + prefix, cells):
+            _image_size(max(hw) // patch, patch, what)
+            hp.pick("img_size", None, "")
+            return (size if isinstance(size, int) else (int(hw[0]), int(hw[1]))), tokens == cells and prefix > 0
+        if where == "given":
+            raise CheckpointError(
+                f"img_size {size} as given does not fit {what}: {tokens} positions, "
+                f"neither the patches of a {hw[0]}x{hw[1]} px image nor them plus {prefix} prefix token(s)"
+            )
+        hp.notes.append(f"img_size {size} stored in {hp.stored['img_size'][1]} does not fit {what}: ignored")
+    g = math.isqrt(max(tokens - prefix, 0))
+    if tokens > prefix and g * g == tokens - prefix:
+        return _image_size(g, patch, what), False
+    if prefix:
+        img = _image_size(_grid(tokens, "pos_embed"), patch, what)
+        hp.pick(
+            "img_size", img,
+            f"{what}: {tokens} positions read as a {img // patch}x{img // patch} grid without the "
+            f"prefix token (timm no_embed_class), not {tokens - prefix} cells of a rectangle",
+        )
+        return img, True
+    return _image_size(_grid(tokens, "pos_embed"), patch, what), False
+
+
+def infer_timm(sd: dict[str, torch.Tensor], hp: Hparams, layout: dict[str, object] | None = None) -> ViTConfig:
     """ViTConfig of a timm-named encoder; adapts ``sd`` in place where that is exact.
 
     Exact adaptations: a Conv3d patch embedding with kernel depth 1 is squeezed to 2-D; a
     patch embedding or LayerNorm without bias gets a zero bias; a missing ``pos_embed``
-    becomes zeros (image size 224, or 14 patches when 224 is not a multiple of the patch).
-    Shapes that imply sizes beyond :mod:`cka_geo.checkpoints.limits` are refused first.
+    becomes zeros (image size 224, or 14 patches when 224 is not a multiple of the patch);
+    the renames of :func:`adapt_variants`. Shapes that imply sizes beyond
+    :mod:`cka_geo.checkpoints.limits` are refused first.
+
+    Args:
+        sd: timm-named encoder tensors.
+        hp: What is given, stored and known (notes and assumptions are added to it).
+        layout: Config fields a converter fixed (``pos_embed_antialias``, ``no_embed_class``…).
     """
+    notes = hp.notes
+    layout = dict(layout or {})
     if "patch_embed.proj.weight" not in sd:
         if any(k.startswith("patch_embed.weight_generator.") for k in sd):
             raise CheckpointError(
@@ -144,6 +198,7 @@ def infer_timm(
                 "is not supported"
             )
         raise CheckpointError("no patch embedding (patch_embed.proj.weight) beside the blocks")
+    adapt_variants(sd, notes)
     w = sd["patch_embed.proj.weight"]
     if w.ndim == 5:
         if w.shape[2] != 1:
@@ -157,7 +212,13 @@ def infer_timm(
     _fill_zero_biases(sd, ["patch_embed.proj.weight"], notes)
     depth = len(block_indices(sd, r"^blocks\.(\d{1,9})\."))
     class_token = "cls_token" in sd
-    no_embed_class = False
+    dist_token = "dist_token" in sd
+    reg = sd.get("reg_token")
+    if reg is not None and (reg.ndim != 3 or reg.shape[0] != 1 or reg.shape[2] != width):
+        raise CheckpointError(f"reg_token has shape {tuple(reg.shape)}, expected (1, registers, {width})")
+    reg_tokens = bounded(reg.shape[1], 1, 1024, "the register count (reg_token dim 1)") if reg is not None else 0
+    prefix = int(class_token) + int(dist_token) + reg_tokens
+    no_embed_class = bool(layout.pop("no_embed_class", False))
     missing_pos = "pos_embed" not in sd
     if not missing_pos:
         pos = sd["pos_embed"]
@@ -165,29 +226,28 @@ def infer_timm(
             raise CheckpointError(
                 f"pos_embed has shape {tuple(pos.shape)}, expected (1, tokens, width)"
             )
-        tokens = pos.shape[1]
         what = f"pos_embed {tuple(pos.shape)}"
-        if class_token and tokens > 1 and math.isqrt(tokens - 1) ** 2 == tokens - 1:
-            img = _image_size(_grid(tokens - 1, "pos_embed"), patch, what)
-        elif class_token:
-            no_embed_class = True
-            img = _image_size(_grid(tokens, "pos_embed"), patch, what)
+        img, guessed = _pos_grid(pos.shape[1], 0 if no_embed_class else prefix, patch, hp, what)
+        no_embed_class = no_embed_class or guessed
+        if guessed:
             notes.append("pos_embed covers the patch tokens only (timm no_embed_class)")
-        else:
-            img = _image_size(_grid(tokens, "pos_embed"), patch, what)
     else:
         img = DEFAULT_IMG_SIZE if DEFAULT_IMG_SIZE % patch == 0 else 14 * patch
-        sd["pos_embed"] = torch.zeros(1, (1 if class_token else 0) + (img // patch) ** 2, width)
+        sd["pos_embed"] = torch.zeros(1, prefix + (img // patch) ** 2, width)
         notes.append(
             f"no pos_embed: zeros used, image size {img} assumed (any size works: dynamic_img_size)"
         )
-    if "blocks.0.mlp.fc1.weight" not in sd:
-        raise CheckpointError("no blocks.0.mlp.fc1.weight: the first block is missing")
-    hidden = _matrix(sd, "blocks.0.mlp.fc1.weight", "the MLP width")
-    layer_scale = 1.0 if "blocks.0.ls1.gamma" in sd else None
+    if "blocks.0.mlp.fc1.weight" not in sd or "blocks.0.mlp.fc2.weight" not in sd:
+        raise CheckpointError("no blocks.0.mlp.fc1.weight / fc2.weight: the first block is missing")
+    fc1 = _matrix(sd, "blocks.0.mlp.fc1.weight", "the MLP width")
+    fc2_in = sd["blocks.0.mlp.fc2.weight"].shape[-1]
+    swiglu = layout.pop("mlp_type", None) == "swiglu" or (fc1 == 2 * fc2_in and fc1 != 0)
+    hidden = fc2_in if swiglu else fc1
+    if swiglu:
+        notes.append(f"SwiGLU MLP: packed fc1 of 2 x {hidden} (gate, value), fc2 from {hidden}")
     has_norm, has_fc_norm = "norm.weight" in sd, "fc_norm.weight" in sd
     norms = [k for k in sd if k.endswith(("norm1.weight", "norm2.weight"))] + [
-        k for k in ("norm.weight", "fc_norm.weight") if k in sd
+        k for k in ("norm.weight", "fc_norm.weight", "norm_pre.weight") if k in sd
     ]
     linears = [
         f"blocks.{i}.{name}.weight"
@@ -197,8 +257,11 @@ def infer_timm(
     _fill_zero_biases(sd, norms + linears, notes)
     if not (has_norm or has_fc_norm):
         notes.append("no final norm (norm / fc_norm) in the checkpoint: built without one")
-    heads = default_heads(width, num_heads, stored_heads, notes)
-    notes.append("LayerNorm eps 1e-6 assumed (timm default)")
+    heads = hp.pick("num_heads", width // 64 if width % 64 == 0 else 1, f"width {width} / 64", width=width)
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1 or width % heads:
+        raise CheckpointError(f"num_heads {heads!r} does not divide the width {width}")
+    eps = hp.pick("norm_eps", 1e-6, "timm default")
+    act = hp.pick("act", "silu" if swiglu else "gelu", "SwiGLU gate" if swiglu else "GELU", fact="act_glu" if swiglu else None)
     try:
         config = ViTConfig(
             img_size=img,
@@ -211,62 +274,22 @@ def infer_timm(
             mlp_hidden_dim=None if hidden == 4 * width else hidden,
             qkv_bias="blocks.0.attn.qkv.bias" in sd,
             class_token=class_token,
-            layer_scale=layer_scale,
+            layer_scale=1.0 if "blocks.0.ls1.gamma" in sd else None,
             final_norm=has_norm or has_fc_norm,
             global_pool="avg" if has_fc_norm or not class_token else "token",
             fc_norm=has_fc_norm,
-            dynamic_img_size=missing_pos,
+            norm_eps=float(eps),
+            dynamic_img_size=missing_pos or bool(layout.pop("dynamic_img_size", False)),
             no_embed_class=no_embed_class,
+            reg_tokens=reg_tokens,
+            dist_token=dist_token,
+            qk_norm="blocks.0.attn.q_norm.weight" in sd,
+            mlp_type="swiglu" if swiglu else "mlp",
+            act=act,
+            pre_norm="norm_pre.weight" in sd,
+            **layout,  # type: ignore[arg-type]
         )
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise CheckpointError(f"inferred an impossible ViT: {exc}") from exc
-    check_config(config, "inferred config")
-    return config
-
-
-def infer_open_clip(
-    sd: dict[str, torch.Tensor],
-    notes: list[str],
-    *,
-    num_heads: int | None,
-    stored_heads: tuple[int, str] | None,
-) -> OpenClipVisionConfig:
-    """OpenClipVisionConfig of a visual tower (keys without ``visual.``)."""
-    width, bands, patch = _patch_embedding(sd["conv1.weight"], "conv1.weight")
-    layers = len(block_indices(sd, r"^transformer\.resblocks\.(\d{1,9})\."))
-    if "positional_embedding" not in sd:
-        raise CheckpointError("open_clip tower without positional_embedding")
-    pos = sd["positional_embedding"]
-    if pos.ndim != 2 or pos.shape[0] < 2:
-        raise CheckpointError(
-            f"positional_embedding has shape {tuple(pos.shape)}, expected (1 + patches, width)"
-        )
-    grid = _grid(pos.shape[0] - 1, "positional_embedding")
-    img = _image_size(grid, patch, f"positional_embedding {tuple(pos.shape)}")
-    if "transformer.resblocks.0.mlp.c_fc.weight" not in sd:
-        raise CheckpointError(
-            "no transformer.resblocks.0.mlp.c_fc.weight: the first block is missing"
-        )
-    hidden = _matrix(sd, "transformer.resblocks.0.mlp.c_fc.weight", "the MLP width")
-    if "proj" in sd and sd["proj"].ndim != 2:
-        raise CheckpointError(f"proj has unexpected shape {tuple(sd['proj'].shape)} (expected 2-D)")
-    if any(k.startswith("attn_pool.") for k in sd):
-        raise CheckpointError("open_clip attentional pooling (attn_pool) is not supported")
-    heads = default_heads(width, num_heads, stored_heads, notes)
-    notes.append("open_clip: GELU (not QuickGELU) and LayerNorm eps 1e-5 assumed")
-    try:
-        config = OpenClipVisionConfig(
-            image_size=img,
-            patch_size=patch,
-            in_chans=bands,
-            width=width,
-            layers=layers,
-            heads=heads,
-            mlp_hidden_dim=hidden,
-            output_dim=sd["proj"].shape[1] if "proj" in sd else 0,
-            layer_scale="transformer.resblocks.0.ls_1.gamma" in sd,
-        )
-    except ValueError as exc:
-        raise CheckpointError(f"inferred an impossible open_clip tower: {exc}") from exc
     check_config(config, "inferred config")
     return config

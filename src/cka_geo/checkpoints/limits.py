@@ -69,6 +69,13 @@ def _fits(value: Any, hint: Any) -> bool:
         return any(_fits(value, arg) for arg in typing.get_args(hint))
     if hint is Any:
         return True
+    if origin is tuple:  # (height, width): JSON stores it as a list
+        args = typing.get_args(hint)
+        return (
+            isinstance(value, (list, tuple))
+            and len(value) == len(args)
+            and all(_fits(v, a) for v, a in zip(value, args, strict=True))
+        )
     if hint is type(None):
         return value is None
     if origin is not None:
@@ -136,8 +143,9 @@ def check_config(config: Any, source: str) -> None:
     """
     for name, low, high in _RANGES:
         value = getattr(config, name, None)
-        if value is not None:
-            bounded(value, low, high, f"{source} {name}")
+        for v in value if isinstance(value, tuple) else (value,):
+            if v is not None:
+                bounded(v, low, high, f"{source} {name}")
     ratio = getattr(config, "mlp_ratio", None)
     if ratio is not None and not 0 < ratio * config.embed_dim <= MAX_HIDDEN:
         raise CheckpointError(

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cka_geo.checkpoints import croma, dofa, infer, limits, resolve, terramind
+from cka_geo.checkpoints import convert, croma, dofa, infer, limits, resolve
 from cka_geo.checkpoints.families import FAMILIES, TIMM_LIKE, UNSUPPORTED, check_keys, instantiate
 from cka_geo.checkpoints.io import (
     BLOCKED_NOTE,
@@ -21,21 +21,14 @@ from cka_geo.checkpoints.io import (
     json_metadata,
     read_checkpoint_file,
 )
+from cka_geo.checkpoints.known import Hparams
 from cka_geo.checkpoints.save import MARKER
 from cka_geo.errors import CheckpointError, UsageError
 
-#: Encoder keys per family (relative to the prefix); anything else is ignored.
-_TIMM_KEEP = ("patch_embed.", "blocks.", "norm.", "fc_norm.")
-_TIMM_KEEP_EXACT = ("cls_token", "pos_embed")
-_OPENCLIP_KEEP = ("conv1.", "ln_pre.", "transformer.", "ln_post.")
-_OPENCLIP_KEEP_EXACT = ("class_embedding", "positional_embedding", "proj")
-_HEAD_NAMES = ("num_heads", "heads", "n_heads")
 #: Encoder parts of timm variants this ViT does not implement (refused, never ignored).
 _TIMM_UNSUPPORTED = {
-    "reg_token": "register tokens",
-    "dist_token": "a distillation token (DeiT)",
-    "norm_pre": "a pre-norm before the blocks (CLIP-style timm ViT)",
-    "attn_pool": "attention pooling",
+    "rope": "rotary position embeddings (EVA-02, DINOv3)",
+    "pos_embed.rope": "rotary position embeddings (EVA-02, DINOv3)",
 }
 
 
@@ -46,11 +39,11 @@ class LoadedCheckpoint:
     Attributes:
         path: The file.
         sha256: Hex digest of the file's bytes.
-        family: ``"timm"``, ``"open_clip"``, ``"dofa"`` or ``"croma"``.
-        state_dict: Encoder tensors, keys as the family's model names them (timm names for
-            ViTs, open_clip names without ``visual.``); head and decoder excluded.
-        config: :class:`~cka_geo.models.vit.ViTConfig` or
-            :class:`~cka_geo.models.openclip.OpenClipVisionConfig`.
+        family: ``"timm"`` (every ViT layout is converted into the timm-named ViT), ``"dofa"``
+            (the ViT with DOFA's generated patch embedding) or ``"croma"``.
+        state_dict: Encoder tensors with the family's model names (timm names for ViTs,
+            converted from the file's layout); head and decoder excluded.
+        config: :class:`~cka_geo.models.vit.ViTConfig`, ``DofaConfig`` or ``CromaConfig``.
         prefix: The prefix chosen (containers and wrappers, dotted, e.g.
             ``"state_dict.module.base_encoder."``); ``""`` for a bare encoder.
         candidates: Every (prefix, number of blocks) with a block pattern, best first.
@@ -58,6 +51,10 @@ class LoadedCheckpoint:
         notes: Human-readable facts about the loading (unwrapping, assumptions, refusals).
         head: A timm ``head.*`` found beside the encoder (``build_model(head=True)``).
         extra: The extra entries of a file written by :func:`save_checkpoint`.
+        source: The layout the file came in: ``"timm"``, ``"open_clip"``, ``"hf_vit"``,
+            ``"dinov2"``, ``"prithvi"``, ``"terramind"`` or ``"cka_geo"``.
+        assumed: ``"field=value"`` for every hyperparameter assumed (not given, stored or a
+            known fact of the family); each was also warned about (RuntimeWarning).
     """
 
     path: Path
@@ -71,6 +68,8 @@ class LoadedCheckpoint:
     notes: list[str] = field(default_factory=list)
     head: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    source: str = "timm"
+    assumed: list[str] = field(default_factory=list)
 
 
 def _sha256(path: Path) -> str:
@@ -138,36 +137,59 @@ def load_checkpoint(
     trust: bool = False,
     prefix: str | None = None,
     num_heads: int | None = None,
+    norm_eps: float | None = None,
+    act: str | None = None,
+    img_size: int | tuple[int, int] | None = None,
     wavelengths: dofa.Wavelengths = None,
 ) -> LoadedCheckpoint:
-    """Read a checkpoint file and find its encoder.
+    """Read a checkpoint file (or a Hugging Face ``save_pretrained`` folder) and find its encoder.
 
     Args:
-        path: A .safetensors, .pt, .pth, .ckpt or .bin file.
+        path: A .safetensors, .pt, .pth, .ckpt or .bin file, or a folder with
+            ``config.json`` and ``model.safetensors`` / ``pytorch_model.bin`` (a
+            ``config.json`` beside a Hugging Face weight file is read too).
         trust: Allow full pickle loading (runs code from the file) when weights-only
             loading fails. Off by default; without it such files are read by a restricted
             unpickler that runs nothing, or refused.
         prefix: The encoder's prefix when the automatic choice is wrong (see
             ``LoadedCheckpoint.candidates``); a candidate or a unique suffix of one.
-        num_heads: Attention heads; weights do not record them (default width / 64, or a
-            value stored in the file).
+        num_heads: Attention heads; weights do not record them (else stored in the file, a
+            known fact of the family, or width / 64 with a warning).
+        norm_eps: LayerNorm epsilon, to override what is stored / known / assumed.
+        act: Activation (``gelu``, ``gelu_tanh``, ``quick_gelu``, ``silu``), likewise.
+        img_size: Image size (``(height, width)`` for rectangular grids), likewise.
         wavelengths: DOFA only: the input bands' wavelengths (µm), band names or a band
             count (default: band names stored in the file, else the 13 Sentinel-2 L1C
             bands); see :func:`cka_geo.checkpoints.dofa.resolve_wavelengths`. Noted and
             ignored for other families.
 
     Returns:
-        The encoder and a report of how it was found.
+        The encoder and a report of how it was found (``notes``, ``assumed``).
 
     Raises:
         CheckpointError: One line naming the file: unreadable, refused, no encoder,
-            unsupported family (Galileo, CROMA's joint encoder) or inconsistent keys.
+            unsupported family (Galileo, CROMA's joint encoder) or architecture, inconsistent
+            keys.
     """
     p = Path(path)
-    obj, metadata, notes = read_checkpoint_file(p, trust=trust)
+    files, config_json = convert.hf_folder(p)
+    notes: list[str] = []
+    objs = []
+    metadata = None
+    for f in files:
+        obj, metadata, more = read_checkpoint_file(f, trust=trust)
+        objs.append(obj)
+        notes += more
+    if len(objs) > 1:
+        obj = {}
+        for part in objs:
+            obj.update(part)
+        notes.append(f"merged {len(objs)} shards")
+    given = {"num_heads": num_heads, "norm_eps": norm_eps, "act": act, "img_size": img_size}
     try:
         loaded = _resolve(
-            p, obj, metadata, notes, prefix=prefix, num_heads=num_heads, wavelengths=wavelengths
+            files[0], obj, metadata, notes, prefix=prefix, given=given, config_json=config_json,
+            wavelengths=wavelengths,
         )
     except CheckpointError as exc:
         msg = str(exc)
@@ -179,8 +201,42 @@ def load_checkpoint(
                 f"readable without it give no encoder ({msg}); {TRUST_HINT}"
             )
         raise CheckpointError(msg if msg.startswith(str(p)) else f"{p}: {msg}") from exc
-    loaded.sha256 = _sha256(p)
+    loaded.path = p
+    loaded.sha256 = _sha256(files[0])
     return loaded
+
+
+def _from_project(
+    p: Path,
+    project: tuple[str, Any, dict, dict],
+    notes: list[str],
+    given: dict[str, Any],
+    wavelengths: dofa.Wavelengths = None,
+) -> LoadedCheckpoint:
+    family, config, sd, extra = project
+    if family == "open_clip":  # written by cka-geo <= 0.x with the second model class
+        sd, config = convert.legacy_open_clip(sd, config, notes)
+        family = "timm"
+    stored = config.num_heads
+    heads = given.get("num_heads")
+    if heads is not None and heads != stored:
+        notes.append(f"num_heads={heads} as given (file says {stored})")
+        config = dataclasses.replace(config, num_heads=heads)
+    for name in ("norm_eps", "act", "img_size"):
+        if given.get(name) is not None and hasattr(config, name):
+            notes.append(f"{name}={given[name]} as given (file says {getattr(config, name)})")
+            config = dataclasses.replace(config, **{name: given[name]})
+    limits.check_tensor_data(sd)
+    head = _split_head(sd) if family in TIMM_LIKE else {}
+    notes.append("written by cka-geo: config read from the file, nothing inferred")
+    if family == "dofa" and wavelengths is not None:
+        config = dofa.with_wavelengths(config, wavelengths, notes, error=CheckpointError)
+    build_cfg = dataclasses.replace(config, num_classes=0) if family in TIMM_LIKE else config
+    check_keys(family, build_cfg, sd)
+    return LoadedCheckpoint(
+        p, "", family, sd, config, "", [("", _depth(config))],
+        [f"head.{k[5:]}" for k in head], notes, head, extra, source="cka_geo",
+    )
 
 
 def _resolve(
@@ -190,7 +246,9 @@ def _resolve(
     notes: list[str],
     *,
     prefix: str | None,
-    num_heads: int | None,
+    given: dict[str, Any],
+    config_json: Path | None = None,
+    stored: dict[str, tuple[Any, str]] | None = None,
     wavelengths: dofa.Wavelengths = None,
 ) -> LoadedCheckpoint:
     unreadable = find_unreadable(obj)
@@ -198,32 +256,7 @@ def _resolve(
         notes.append("could not read (pickled objects not run): " + ", ".join(unreadable[:6]))
     project = _from_project_file(obj, metadata)
     if project is not None:
-        family, config, sd, extra = project
-        field_name = "heads" if family == "open_clip" else "num_heads"
-        stored = getattr(config, field_name)
-        if num_heads is not None and num_heads != stored:
-            notes.append(f"num_heads={num_heads} as given (file says {stored})")
-            config = dataclasses.replace(config, **{field_name: num_heads})
-        limits.check_tensor_data(sd)
-        head = _split_head(sd) if family in TIMM_LIKE else {}
-        notes.append("written by cka-geo: config read from the file, nothing inferred")
-        if family == "dofa" and wavelengths is not None:
-            config = dofa.with_wavelengths(config, wavelengths, notes, error=CheckpointError)
-        build_cfg = dataclasses.replace(config, num_classes=0) if family in TIMM_LIKE else config
-        check_keys(family, build_cfg, sd)
-        return LoadedCheckpoint(
-            p,
-            "",
-            family,
-            sd,
-            config,
-            "",
-            [("", _depth(config))],
-            [f"head.{k[5:]}" for k in head],
-            notes,
-            head,
-            extra,
-        )
+        return _from_project(p, project, notes, given, wavelengths)
     flat = resolve.flatten(obj)
     candidates = resolve.find_candidates(flat.tensors)
     croma.check_prefix(prefix)
@@ -245,15 +278,7 @@ def _resolve(
         notes.append(
             f"chose {chosen.prefix!r} ({chosen.num_blocks} blocks); other candidates: {listed}"
         )
-    family = chosen.family if chosen.family in ("open_clip", "croma") else "timm"
-    if chosen.family == "croma":
-        keep, keep_exact = croma.KEEP, ()
-    elif chosen.family == "terramind":
-        keep, keep_exact = ("encoder.", "encoder_norm.", "encoder_embeddings."), ()
-    elif family == "timm":
-        keep, keep_exact = _TIMM_KEEP, _TIMM_KEEP_EXACT
-    else:
-        keep, keep_exact = _OPENCLIP_KEEP, _OPENCLIP_KEEP_EXACT
+    keep, keep_exact = (croma.KEEP, ()) if chosen.family == "croma" else convert.KEEP[chosen.family]
     sd: dict[str, torch.Tensor] = {}
     ignored: list[str] = []
     for key, value in flat.tensors.items():
@@ -265,22 +290,16 @@ def _resolve(
     limits.check_tensor_data(
         {**sd, **{k: flat.tensors[k] for k in ignored if k.startswith(f"{chosen.prefix}head.")}}
     )
-    if chosen.family == "terramind":
-        used, modality = terramind.to_timm(sd, notes)
-        ignored += [
-            chosen.prefix + k
-            for k in sd
-            if k.startswith("encoder_embeddings.")
-            and not k.startswith(f"encoder_embeddings.{modality}.")
-        ]
-        sd = used
-    if family == "timm" and chosen.family == "timm":
+    if chosen.family == "timm":
         for part, what in _TIMM_UNSUPPORTED.items():
-            if any(
-                k == chosen.prefix + part or k.startswith(f"{chosen.prefix}{part}.")
-                for k in flat.tensors
-            ):
+            if any(k == chosen.prefix + part or k.startswith(f"{chosen.prefix}{part}.") for k in flat.tensors):
                 raise CheckpointError(f"{what} ({chosen.prefix}{part}) is not supported")
+    hp = Hparams(given={k: v for k, v in given.items() if v is not None}, notes=notes)
+    sd, aside, layout = convert.to_timm(
+        chosen.family, sd, flat.others, chosen.prefix, hp, config_json if chosen.family == "hf" else None
+    )
+    hp.stored.update(stored or {})
+    ignored += [chosen.prefix + k for k in aside]
     head = {
         k[len(chosen.prefix) :]: flat.tensors[k]
         for k in ignored
@@ -288,35 +307,21 @@ def _resolve(
     }
     if ignored:
         notes.append(f"ignored {len(ignored)} non-encoder keys: {resolve.summarise_keys(ignored)}")
-    stored = resolve.find_hparam(flat.others, _HEAD_NAMES)
-    family = "dofa" if family == "timm" and dofa.is_dofa(sd) else family
+    family = chosen.family if chosen.family == "croma" else "dofa" if dofa.is_dofa(sd) else "timm"
     if wavelengths is not None and family != "dofa":
         notes.append(f"wavelengths ignored: a {family} encoder, not DOFA")
     if family == "dofa":
-        config: Any = dofa.infer(
-            sd, notes, num_heads=num_heads, stored_heads=stored, wavelengths=wavelengths,
-            others=flat.others,
-        )
+        config: Any = dofa.infer(sd, hp, layout, wavelengths=wavelengths, others=flat.others)
     elif family == "croma":
-        config = croma.infer(
-            sd, notes, num_heads=num_heads, prefix=chosen.prefix, tensors=flat.tensors
-        )
-    elif family == "timm":
-        config = infer.infer_timm(sd, notes, num_heads=num_heads, stored_heads=stored)
+        config = croma.infer(sd, notes, num_heads=given.get("num_heads"), prefix=chosen.prefix, tensors=flat.tensors)
     else:
-        config = infer.infer_open_clip(sd, notes, num_heads=num_heads, stored_heads=stored)
+        config = infer.infer_timm(sd, hp, layout)
     check_keys(family, config, sd)
+    hp.warn(p)  # the assumptions, once the encoder is known to be sound
     return LoadedCheckpoint(
-        p,
-        "",
-        family,
-        sd,
-        config,
-        chosen.prefix,
-        [(c.prefix, c.num_blocks) for c in candidates],
-        ignored,
-        notes,
-        head,
+        p, "", family, sd, config, chosen.prefix,
+        [(c.prefix, c.num_blocks) for c in candidates], ignored, notes, head,
+        source=family if family != "timm" else hp.family, assumed=list(hp.assumed),
     )
 
 

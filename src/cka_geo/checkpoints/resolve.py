@@ -38,7 +38,14 @@ BLOCK_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
         re.compile(r"^(?P<p>.*?)transformer\.resblocks\.(?P<i>\d{1,9})\.mlp\.c_fc\.weight$"),
     ),
     ("croma", re.compile(r"^(?P<p>.*?)transformer\.layers\.(?P<i>\d{1,9})\.1\.net\.0\.weight$")),
-    ("timm", re.compile(r"^(?P<p>.*?)blocks\.(?P<i>\d{1,9})\.mlp\.fc1\.weight$")),
+    ("timm", re.compile(r"^(?P<p>.*?)blocks\.(?P<i>\d{1,9})\.mlp\.(?:fc1|fc1_g|w12)\.weight$")),
+    (
+        "hf",
+        re.compile(
+            r"^(?P<p>.*?)(?:encoder\.layer|layers)\.(?P<i>\d{1,9})\."
+            r"(?:intermediate\.dense|mlp\.fc1|mlp\.weights_in|mlp\.gate_proj)\.weight$"
+        ),
+    ),
     ("terramind", re.compile(r"^(?P<p>(?:.*\.)?)encoder\.(?P<i>\d{1,9})\.mlp\.fc1\.weight$")),
 )
 DEPRIORITISED = ("decoder", "momentum", "student", "target")
@@ -122,7 +129,11 @@ def _module_like(node: Any) -> bool:
 
 
 def _embed_key(family: str, prefix: str) -> str | None:
-    return {"timm": "patch_embed.proj.weight", "open_clip": "conv1.weight"}.get(family)
+    return {
+        "timm": "patch_embed.proj.weight",
+        "open_clip": "conv1.weight",
+        "hf": "embeddings.patch_embeddings.projection.weight",
+    }.get(family)
 
 
 def find_candidates(tensors: dict[str, torch.Tensor]) -> list[Candidate]:
@@ -210,16 +221,23 @@ def _hparam_items(node: Any) -> Any:
     return None
 
 
-def find_hparam(others: dict[str, Any], names: tuple[str, ...]) -> tuple[int, str] | None:
-    """A unique integer stored under one of ``names`` in non-tensor entries (or Unreadable items).
+def find_hparam(
+    others: dict[str, Any], names: tuple[str, ...], accept: Any = None
+) -> tuple[Any, str] | None:
+    """A unique value stored under one of ``names`` in non-tensor entries (or Unreadable items).
 
-    Looks six levels below each entry of ``others`` at most, each container once.
+    ``accept(value)`` says which values count (default: integers, not bools). Looks six
+    levels below each entry of ``others`` at most, each container once.
     """
-    hits: dict[int, str] = {}
+    if accept is None:
+        def accept(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+    hits: dict[Any, str] = {}
     for path, value in walk.walk(others, _hparam_items, stop_at=7, error=CheckpointError):
         last = str(path[-1]).split(".")[-1]
-        if last in names and isinstance(value, int) and not isinstance(value, bool):
-            hits.setdefault(value, ".".join(str(k) for k in path))
+        if last in names and accept(value):
+            hashable = tuple(value) if isinstance(value, list) else value
+            hits.setdefault(hashable, ".".join(str(k) for k in path))
     if len(hits) == 1:
         value, where = next(iter(hits.items()))
         return value, where

@@ -12,16 +12,26 @@ Shapes are written as (batch, tokens, width) = (B, T, D); T = prefix tokens + gr
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cka_geo.errors import DataError, UsageError
+from cka_geo.models.vit_layers import (
+    ACTIVATIONS,
+    MLP_TYPES,
+    Attention,
+    GluMlp,
+    LayerScale,
+    Mlp,
+    PatchEmbed,
+    resample_pos_embed,
+)
 from cka_geo.sublayers import normalize_block
+
+__all__ = ["ViTConfig", "VisionTransformer", "resample_pos_embed"]
 
 
 @dataclass
@@ -55,9 +65,24 @@ class ViTConfig:
             ``global_pool == "avg"``.
         no_embed_class: timm's ``no_embed_class``: ``pos_embed`` covers the patch tokens
             only and the class token is prepended after the positions are added.
+        reg_tokens: Register tokens (timm ``reg_token``, DINOv2 with registers), placed
+            after the class (and distillation) token.
+        dist_token: A DeiT distillation token (``dist_token``) after the class token.
+        qk_norm: LayerNorm of queries and keys per head (``attn.q_norm``, ``attn.k_norm``).
+        mlp_type: ``"mlp"`` (fc1 -> act -> fc2) or ``"swiglu"`` (packed ``fc1`` of
+            2 x ``hidden_dim``, ``act`` = act(gate) * value, see
+            :class:`~cka_geo.models.vit_layers.GluMlp`).
+        act: ``"gelu"`` (exact), ``"gelu_tanh"``, ``"quick_gelu"`` or ``"silu"`` (for
+            ``mlp_type="swiglu"``: the gate's activation).
+        pre_norm: A LayerNorm ``norm_pre`` after the position embedding, before the blocks
+            (CLIP's ``ln_pre``).
+        pos_embed_antialias: Resample ``pos_embed`` for other sizes with antialiasing
+            (timm) or without (Hugging Face ViT / DINOv2, TerraMind).
+
+    ``img_size`` may be ``(height, width)`` for a rectangular patch grid.
     """
 
-    img_size: int = 224
+    img_size: int | tuple[int, int] = 224
     patch_size: int = 16
     in_chans: int = 3
     embed_dim: int = 768
@@ -76,18 +101,40 @@ class ViTConfig:
     fc_norm: bool | None = None
     no_embed_class: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    reg_tokens: int = 0
+    dist_token: bool = False
+    qk_norm: bool = False
+    mlp_type: str = "mlp"
+    act: str = "gelu"
+    pre_norm: bool = False
+    pos_embed_antialias: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.img_size, (list, tuple)):
+            hw = tuple(self.img_size)
+            if len(hw) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in hw):
+                raise UsageError(f"ViTConfig.img_size must be an integer or (height, width), got {self.img_size!r}")
+            self.img_size = hw[0] if hw[0] == hw[1] else (hw[0], hw[1])
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if name == "img_size" and isinstance(value, tuple):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UsageError(f"ViTConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.reg_tokens, int) or isinstance(self.reg_tokens, bool) or self.reg_tokens < 0:
+            raise UsageError(f"ViTConfig.reg_tokens must be a non-negative integer, got {self.reg_tokens!r}")
+        if self.mlp_type not in MLP_TYPES:
+            raise UsageError(f"ViTConfig.mlp_type must be one of {MLP_TYPES}, got {self.mlp_type!r}")
+        if self.act not in ACTIVATIONS:
+            raise UsageError(f"ViTConfig.act must be one of {ACTIVATIONS}, got {self.act!r}")
+        if self.dist_token and not self.class_token:
+            raise UsageError("ViTConfig: a distillation token needs a class token")
         if self.embed_dim % self.num_heads:
             raise UsageError(
                 f"ViTConfig: embed_dim {self.embed_dim} is not divisible by num_heads "
                 f"{self.num_heads}"
             )
-        if self.img_size % self.patch_size:
+        if any(side % self.patch_size for side in self.img_hw):
             raise UsageError(
                 f"ViTConfig: img_size {self.img_size} is not a multiple of patch_size "
                 f"{self.patch_size}"
@@ -106,7 +153,8 @@ class ViTConfig:
     def num_pos_tokens(self) -> int:
         """Length of ``pos_embed`` at ``img_size``."""
         prefix = 0 if self.no_embed_class else self.num_prefix_tokens
-        return prefix + self.grid_size**2
+        gh, gw = self.grid_hw
+        return prefix + gh * gw
 
     @property
     def hidden_dim(self) -> int:
@@ -114,14 +162,28 @@ class ViTConfig:
         return self.mlp_hidden_dim or int(self.embed_dim * self.mlp_ratio)
 
     @property
+    def img_hw(self) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        return (self.img_size, self.img_size) if isinstance(self.img_size, int) else self.img_size
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        """(rows, cols) of the patch grid at ``img_size``."""
+        h, w = self.img_hw
+        return h // self.patch_size, w // self.patch_size
+
+    @property
     def grid_size(self) -> int:
-        """Patches per side at ``img_size``."""
-        return self.img_size // self.patch_size
+        """Patches per side at a square ``img_size`` (see :attr:`grid_hw` for rectangles)."""
+        gh, gw = self.grid_hw
+        if gh != gw:
+            raise UsageError(f"ViTConfig: the patch grid {gh}x{gw} is not square (use grid_hw)")
+        return gh
 
     @property
     def num_prefix_tokens(self) -> int:
-        """Tokens before the patch tokens (1 with a class token, else 0)."""
-        return 1 if self.class_token else 0
+        """Tokens before the patch tokens: class token, distillation token, registers."""
+        return int(self.class_token) + int(self.dist_token) + self.reg_tokens
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict that :meth:`from_dict` reads back."""
@@ -137,61 +199,6 @@ class ViTConfig:
         return cls(**data)
 
 
-class PatchEmbed(nn.Module):
-    """(B, C, H, W) -> (B, H/p * W/p, D) by a strided convolution ``proj``."""
-
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
-        super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention; the output is after ``proj`` (timm's ``attn`` module)."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        # (B, T, 3D) -> (3, B, heads, T, head_dim)
-        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(b, t, d))
-
-
-class LayerScale(nn.Module):
-    """Per-channel scale ``gamma`` (timm's ``ls1``/``ls2``)."""
-
-    def __init__(self, dim: int, init_values: float) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
-
-
-class Mlp(nn.Module):
-    """fc1 -> GELU (``act``) -> fc2."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class Block(nn.Module):
     """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
 
@@ -199,43 +206,17 @@ class Block(nn.Module):
         super().__init__()
         d = cfg.embed_dim
         self.norm1 = nn.LayerNorm(d, eps=cfg.norm_eps)
-        self.attn = Attention(d, cfg.num_heads, cfg.qkv_bias)
+        self.attn = Attention(d, cfg.num_heads, cfg.qkv_bias, cfg.qk_norm, cfg.norm_eps)
         self.ls1: nn.Module = LayerScale(d, cfg.layer_scale) if cfg.layer_scale is not None else nn.Identity()
         self.norm2 = nn.LayerNorm(d, eps=cfg.norm_eps)
-        self.mlp = Mlp(d, cfg.hidden_dim)
+        self.mlp: nn.Module = (
+            GluMlp(d, cfg.hidden_dim, cfg.act) if cfg.mlp_type == "swiglu" else Mlp(d, cfg.hidden_dim, cfg.act)
+        )
         self.ls2: nn.Module = LayerScale(d, cfg.layer_scale) if cfg.layer_scale is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.ls1(self.attn(self.norm1(x)))
         return x + self.ls2(self.mlp(self.norm2(x)))
-
-
-def resample_pos_embed(
-    pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int
-) -> torch.Tensor:
-    """Resample an absolute position embedding to another patch grid.
-
-    Args:
-        pos_embed: (1, prefix + g*g, D) with a square old grid g.
-        new_grid: (rows, cols) of the new grid.
-        num_prefix_tokens: Leading tokens (class token) kept as they are.
-
-    Returns:
-        (1, prefix + rows*cols, D), bicubic interpolation of the grid part (as timm does).
-    """
-    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    old = math.isqrt(grid.shape[1])
-    if old * old != grid.shape[1]:
-        raise DataError(f"pos_embed grid of {grid.shape[1]} tokens is not square")
-    if (old, old) == tuple(new_grid):
-        return pos_embed
-    d = grid.shape[-1]
-    grid = grid.reshape(1, old, old, d).permute(0, 3, 1, 2)
-    if grid.dtype not in (torch.float32, torch.float64):
-        grid = grid.float()
-    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False, antialias=True)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], d).to(pos_embed.dtype)
-    return torch.cat([prefix, grid], dim=1)
 
 
 class VisionTransformer(nn.Module):
@@ -257,7 +238,10 @@ class VisionTransformer(nn.Module):
         d = cfg.embed_dim
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, d)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.dist_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, d)) if cfg.reg_tokens else None
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_pos_tokens, d))
+        self.norm_pre: nn.Module = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         use_fc = cfg.use_fc_norm
         self.norm: nn.Module = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm and not use_fc else nn.Identity()
@@ -270,7 +254,7 @@ class VisionTransformer(nn.Module):
 
     @property
     def num_prefix_tokens(self) -> int:
-        """Tokens before the patch tokens (the class token, if any)."""
+        """Tokens before the patch tokens (class, distillation and register tokens)."""
         return self.cfg.num_prefix_tokens
 
     def canonical_sublayers(self) -> dict[str, str]:
@@ -289,8 +273,9 @@ class VisionTransformer(nn.Module):
     def init_weights(self) -> None:
         """timm-style init: truncated normal (std 0.02) for linears and embeddings."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=1e-6)
+        for token in (self.cls_token, self.dist_token, self.reg_token):
+            if token is not None:
+                nn.init.normal_(token, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -306,26 +291,36 @@ class VisionTransformer(nn.Module):
         p = self.cfg.patch_size
         if h % p or w % p:
             raise DataError(f"image size {h}x{w} is not a multiple of the patch size {p}")
-        if (h, w) != (self.cfg.img_size, self.cfg.img_size) and not self.cfg.dynamic_img_size:
+        mh, mw = self.cfg.img_hw
+        if (h, w) != (mh, mw) and not self.cfg.dynamic_img_size:
             raise DataError(
-                f"image size {h}x{w} differs from the model's {self.cfg.img_size}x{self.cfg.img_size}"
+                f"image size {h}x{w} differs from the model's {mh}x{mw}"
                 " (resize the data, or set dynamic_img_size)"
             )
         return h // p, w // p
 
+    def _prefix(self, batch: int) -> list[torch.Tensor]:
+        tokens = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+        return [t.expand(batch, -1, -1) for t in tokens]
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch-embed, prepend the class token, add positions: (B, C, H, W) -> (B, T, D)."""
+        """Patch-embed, prepend the prefix tokens, add positions, ``norm_pre``: (B, C, H, W) -> (B, T, D).
+
+        As timm: with ``no_embed_class`` the positions are added to the patch tokens and
+        the prefix tokens (class, distillation, registers) prepended after; otherwise the
+        prefix tokens are prepended first and ``pos_embed`` covers them too.
+        """
         grid = self._check_input(x)
         tokens = self.patch_embed(x)
-        if self.cfg.no_embed_class:
-            tokens = tokens + resample_pos_embed(self.pos_embed, grid, 0)
-            if self.cls_token is not None:
-                tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-            return tokens
-        pos = resample_pos_embed(self.pos_embed, grid, self.num_prefix_tokens)
-        if self.cls_token is not None:
-            tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        return tokens + pos
+        prefix = self._prefix(tokens.shape[0])
+        cfg = self.cfg
+        skip = 0 if cfg.no_embed_class else self.num_prefix_tokens
+        pos = resample_pos_embed(self.pos_embed, grid, skip, cfg.grid_hw, cfg.pos_embed_antialias)
+        if cfg.no_embed_class:
+            tokens = torch.cat([*prefix, tokens + pos], dim=1)
+        else:
+            tokens = torch.cat([*prefix, tokens], dim=1) + pos
+        return self.norm_pre(tokens)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> normed tokens (B, T, D)."""
