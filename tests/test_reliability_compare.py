@@ -147,7 +147,9 @@ def test_settings_record_what_the_engine_did_and_the_numbers_follow_them(pair, o
     for n in names:
         assert res["diagonal"][n] == pytest.approx(want[n], abs=1e-12), n
     if option == "pooling":
-        real = cmp.capture
-        monkeypatch.setattr(cmp, "capture", lambda model, names, pooling="mean", **kw: real(model, names, **kw))
+        from cka_geo.compare import run as run_module
+
+        real = run_module.capture
+        monkeypatch.setattr(run_module, "capture", lambda model, names, pooling="mean", **kw: real(model, names, **kw))
         mutated = cmp.compare_checkpoints(pre, ft, **opts, **{option: value})
         assert mutated["settings"]["pooling"] != value  # the record follows the capture, not the options

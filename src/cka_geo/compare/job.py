@@ -1,0 +1,82 @@
+"""compare_checkpoints: load, check, build, probe, run, and the typed result."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from cka_geo.checkpoints import LoadedCheckpoint, build_model, check_pair, load_checkpoint
+from cka_geo.compare.build import build_results, share_stored_heads
+from cka_geo.compare.options import CompareOptions, resolve_device
+from cka_geo.compare.probes import _model_geometry, probe_batches
+from cka_geo.compare.run import check_memory, run_cka
+from cka_geo.features import resolve_sublayers
+from cka_geo.results import CompareResult
+
+
+def compare_checkpoints(
+    pre: str | Path | nn.Module | dict,
+    ft: str | Path | nn.Module | dict,
+    options: CompareOptions | None = None,
+    **kwargs: Any,
+) -> CompareResult:
+    """Compare two checkpoints of one ViT and return the results (schema ``cka-geo/compare/v1``).
+
+    Args:
+        pre: The pretrained checkpoint: a file, a Hugging Face folder, or in memory (an
+            ``nn.Module`` of timm, Hugging Face, open_clip or cka-geo, or a state dict).
+        ft: The fine-tuned checkpoint, likewise.
+        options: A :class:`CompareOptions`; keyword arguments override its fields.
+
+    Returns:
+        A :class:`~cka_geo.results.CompareResult`: per-layer records (same-layer CKA, own
+        change, intervals, weight change), the full matrix (pre rows x ft columns), the
+        ``summary`` and the ``settings`` as done. It reads like the ``cka-geo/compare/v1``
+        dict (``result["summary"]["verdict"]``); ``result.to_dict()`` is that dict, as
+        written to results.json (docs/results-schema.md).
+
+    Raises:
+        CkaGeoError: Bad options, unreadable or refused checkpoints, different
+            architectures, probe data that does not fit the model, non-finite features.
+    """
+    opts = dataclasses.replace(options or CompareOptions(), **kwargs)
+    opts.validate()
+    device = resolve_device(opts.device)
+    a, b = (_load_any(x, opts) for x in (pre, ft))
+    if opts.num_heads is None:
+        share_stored_heads(a, b)
+    pair = check_pair(a, b)
+    model_pre = build_model(a, device=device)
+    model_ft = build_model(b, device=device)
+    if opts.names:
+        names = resolve_sublayers(model_pre, list(opts.names))
+    else:
+        names = resolve_sublayers(model_pre, kinds=tuple(opts.sublayers))
+    bands, size = _model_geometry(a)
+    batches, n, data_desc, shape = probe_batches(opts, bands, size)
+    check_memory(model_pre, names, shape, opts, n, device)
+    result = run_cka(model_pre, model_ft, names, batches, opts, n)
+    return build_results(result, names, opts, a, b, pair, data_desc, device)
+
+
+def compare_models(
+    model_a: nn.Module | dict, model_b: nn.Module | dict, options: CompareOptions | None = None, **kwargs: Any
+) -> CompareResult:
+    """:func:`compare_checkpoints` of two in-memory models or state dicts (same options).
+
+    A timm, Hugging Face, open_clip or cka-geo ViT is converted through its state dict and
+    what it states about itself (``config``, its modules' ``num_heads`` / ``eps`` /
+    activation): no library is imported. Canonical names are those of the files.
+    """
+    return compare_checkpoints(model_a, model_b, options, **kwargs)
+
+
+def _load_any(x: Any, opts: CompareOptions) -> LoadedCheckpoint:
+    if isinstance(x, (nn.Module, dict)):
+        from cka_geo.checkpoints.memory import load_model
+
+        return load_model(x, prefix=opts.prefix, num_heads=opts.num_heads)
+    return load_checkpoint(x, trust=opts.trust, prefix=opts.prefix, num_heads=opts.num_heads)

@@ -1,0 +1,116 @@
+"""The options of a comparison, their limits, and the device they name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cka_geo.errors import UsageError
+from cka_geo.functional import DEFAULT_RBF_FRAC, Estimator, Kernel, check_kernel, min_samples
+from cka_geo.sublayers import DEFAULT_KINDS, KINDS, POOLINGS
+
+#: The vocabulary's names under their older compare-module aliases.
+SUBLAYER_KINDS = KINDS
+DEFAULT_SUBLAYERS = DEFAULT_KINDS
+DEFAULT_SAMPLES = 512
+#: The numerical noise of CKA: the engine's stated accuracy against a float64 reference
+#: (float32 grams). A CKA above ``1 - UNCHANGED_TOL`` counts as unchanged, and no verdict
+#: ("most changed", "first to move", "largest own change") is drawn from a smaller change.
+UNCHANGED_TOL = 1e-6
+#: The RBF bandwidth fractions accepted: sigma = frac * median pairwise distance. Below 0.1
+#: the gram of high-dimensional features is numerically the identity; above 10 its
+#: structure is below float32 resolution (Kornblith et al. use 0.2-0.8).
+RBF_FRAC_RANGE = (0.1, 10.0)
+#: Most bootstrap replicates (beyond this the percentile interval does not move).
+MAX_BOOTSTRAP = 100_000
+#: Fewest batches for which a bootstrap interval over batches is worth its name.
+MIN_INTERVAL_BATCHES = 10
+_OWN = "{}#own"
+
+
+@dataclass
+class CompareOptions:
+    """Settings of a comparison (all recorded in the results).
+
+    Attributes:
+        data: None for the embedded Sentinel-2 probe set (sized to the model's bands and
+            image size), a folder of .tif/.npy images, or a .npy/.pt array (N, C, H, W) or
+            image time series (N, T, C, H, W) (see ``time_mode``).
+        sublayers: Sublayer kinds among attn, fc1, act, fc2, block.
+        names: Explicit canonical names instead of kinds (order kept).
+        kernel: ``"linear"`` or ``"rbf"``.
+        rbf_frac: RBF bandwidth fraction of the median pairwise distance.
+        estimator: ``"unbiased"`` (minibatch HSIC_1, Nguyen et al. 2021) or ``"biased"``
+            (full-batch CKA of Kornblith et al. 2019: every sample in one batch; memory
+            grows with samples, so for small N).
+        pooling: ``"mean"`` (patch tokens), ``"cls"``, ``"flatten"`` or ``"tokens"``.
+        samples: Probe images to use (default 512 for the embedded set, all for user data).
+        batch_size: Images per batch (also the unit of the bootstrap).
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        seed: Seed of the embedded probe crops and of the bootstrap.
+        time_mode: For time-series input: ``"frames"`` (each frame an example: N·T rows)
+            or ``"mean"`` (features averaged over time: N rows).
+        trust: Allow pickle code in checkpoint files (only for files you trust).
+        prefix: Encoder prefix override for both files.
+        num_heads: Attention heads when not stored in the files (default width / 64).
+        own_change: Also compute each sublayer's own change.
+        bootstrap: Bootstrap replicates for the intervals (0 for none).
+        confidence: Level of the intervals.
+        progress: Show a progress bar on stderr (default: when stderr is a terminal).
+    """
+
+    data: str | None = None
+    sublayers: tuple[str, ...] = DEFAULT_SUBLAYERS
+    names: tuple[str, ...] | None = None
+    kernel: Kernel = "linear"
+    rbf_frac: float = DEFAULT_RBF_FRAC
+    estimator: Estimator = "unbiased"
+    pooling: str = "mean"
+    samples: int | None = None
+    batch_size: int = 32
+    device: str = "auto"
+    seed: int = 0
+    time_mode: str = "frames"
+    trust: bool = False
+    prefix: str | None = None
+    num_heads: int | None = None
+    own_change: bool = True
+    bootstrap: int = 1000
+    confidence: float = 0.95
+    progress: bool | None = None
+
+    def validate(self) -> None:
+        """Raise UsageError naming the first bad option."""
+        check_kernel(self.kernel, self.estimator)
+        bad = [s for s in self.sublayers if s not in SUBLAYER_KINDS]
+        if bad or not self.sublayers:
+            raise UsageError(f"unknown sublayer {bad[0] if bad else '(none)'!r}; choose from {', '.join(SUBLAYER_KINDS)}")
+        if self.pooling not in POOLINGS:
+            raise UsageError(f"unknown pooling {self.pooling!r}; choose from {', '.join(POOLINGS)}")
+        if self.samples is not None and self.samples < min_samples(self.estimator):
+            raise UsageError(f"--samples must be at least {min_samples(self.estimator)}, got {self.samples}")
+        if self.batch_size < min_samples(self.estimator):
+            raise UsageError(f"--batch-size must be at least {min_samples(self.estimator)}, got {self.batch_size}")
+        lo, hi = RBF_FRAC_RANGE
+        if self.kernel == "rbf" and not lo <= self.rbf_frac <= hi:
+            raise UsageError(
+                f"--rbf-frac must be in [{lo:g}, {hi:g}] (sigma as a fraction of the median pairwise "
+                f"distance; 0.2-0.8 are usual), got {self.rbf_frac:g}"
+            )
+        if not 0 < self.confidence < 1:
+            raise UsageError(f"--confidence must be in (0, 1), got {self.confidence}")
+        if not 0 <= self.bootstrap <= MAX_BOOTSTRAP:
+            raise UsageError(f"--bootstrap must be in [0, {MAX_BOOTSTRAP}], got {self.bootstrap}")
+        if not 0 <= self.seed < 2**32:
+            raise UsageError(f"--seed must be in [0, 2**32 - 1], got {self.seed}")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; refuse unsupported or absent devices.
+
+    The one resolver of every command: :func:`cka_geo.devices.resolve_device`.
+    """
+    from cka_geo.devices import resolve_device as resolve
+
+    return resolve(device)

@@ -1,0 +1,147 @@
+"""The run: both models over the same batches, every sublayer pair accumulated, and the
+memory check that comes before it."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from cka_geo.accumulator import CKAResult, MinibatchCKA
+from cka_geo.budget import CKAWorkload, batches_for, check_fits
+from cka_geo.compare.options import _OWN, CompareOptions
+from cka_geo.features import capture, forward_batch, sublayer_map
+
+
+def _progress(total: int, enabled: bool | None) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        unit="img",
+        desc="cka-geo compare",
+        file=sys.stderr,
+        disable=not (sys.stderr.isatty() if enabled is None else enabled),
+        leave=False,
+    )
+
+
+def run_cka(
+    model_pre: torch.nn.Module,
+    model_ft: torch.nn.Module,
+    names: list[str],
+    batches: Iterator[torch.Tensor],
+    opts: CompareOptions,
+    total: int,
+    timings: dict[str, float] | None = None,
+) -> CKAResult:
+    """Accumulate CKA of every pre sublayer against every ft sublayer (and own changes).
+
+    Columns of the result: ``names`` for the fine-tuned model, then ``name#own`` for the
+    fine-tuned sublayer applied to the pretrained model's input when ``opts.own_change``.
+    With ``timings`` (for benchmarks), seconds spent in forward passes and in CKA are added
+    to its ``"forward"`` and ``"cka"`` keys (the device is synchronised around each step).
+    """
+    clock = _Clock(timings, next(model_pre.parameters()).device)
+    paths_ft = sublayer_map(model_ft)
+    apply = {n: model_ft.get_submodule(paths_ft[n]) for n in names} if opts.own_change else None
+    acc = MinibatchCKA(kernel=opts.kernel, estimator=opts.estimator, rbf_frac=opts.rbf_frac)
+    full_batch = opts.estimator == "biased"
+    held_a: list[dict[str, torch.Tensor]] = []
+    held_b: list[dict[str, torch.Tensor]] = []
+    time_series = False
+    with (
+        capture(model_pre, names, pooling=opts.pooling, apply=apply) as cap_pre,
+        capture(model_ft, names, pooling=opts.pooling) as cap_ft,
+        _progress(total, opts.progress) as bar,
+    ):
+        for x in batches:
+            time_series = time_series or x.ndim == 5
+            with clock("forward"):
+                pre = forward_batch(model_pre, x, cap_pre, time_mode=opts.time_mode)
+                ft = forward_batch(model_ft, x, cap_ft, time_mode=opts.time_mode)
+            cols = dict(ft.features)
+            cols.update({_OWN.format(n): f for n, f in pre.applied.items()})
+            if full_batch:
+                held_a.append(pre.features)
+                held_b.append(cols)
+            else:
+                with clock("cka"):
+                    acc.update(pre.features, cols)
+            bar.update(x.shape[0])
+    with clock("cka"):
+        if full_batch:
+            acc.update(
+                {n: torch.cat([h[n] for h in held_a]) for n in held_a[0]},
+                {n: torch.cat([h[n] for h in held_b]) for n in held_b[0]},
+            )
+        result = acc.compute()
+    # What was done, as the capture and the accumulator did it (not as asked): the results'
+    # settings are filled from this record.
+    result.extra["capture"] = {"pre": cap_pre.settings, "ft": cap_ft.settings}
+    result.extra["time_series"] = time_series
+    return result
+
+
+def check_memory(
+    model: torch.nn.Module,
+    names: list[str],
+    image_shape: tuple[int, ...],
+    opts: CompareOptions,
+    total: int,
+    device: torch.device,
+) -> None:
+    """Refuse, before the run, sizes whose grams, terms or bootstrap memory cannot hold.
+
+    One blank image of the probes' shape goes through the model to learn the feature widths
+    and the rows per image (tokens, frames); no probe is read.
+
+    Raises:
+        UsageError: Naming the options that set the size.
+    """
+    blank = torch.zeros((1, *image_shape), device=device)
+    with capture(model, names, pooling=opts.pooling) as cap:
+        feats = forward_batch(model, blank, cap, time_mode=opts.time_mode).features
+    per_image = next(iter(feats.values())).shape[0]
+    width = sum(f.shape[1] for f in feats.values()) * (3 if opts.own_change else 2)
+    full = opts.estimator == "biased"
+    rows = per_image * (total if full else min(opts.batch_size, total))
+    work = CKAWorkload(
+        rows=rows,
+        width=width,
+        layers_a=len(names),
+        layers_b=len(names) * (2 if opts.own_change else 1),
+        batches=1 if full else batches_for(total, opts.batch_size),
+        bootstrap=opts.bootstrap,
+        held_rows=rows if full else 0,
+    )
+    what = f"--samples {total} with --batch-size {opts.batch_size} and --bootstrap {opts.bootstrap}"
+    if full:
+        what = f"--estimator biased (one batch of every sample) with --samples {total}"
+    if per_image > 1:
+        what += f" ({per_image} rows per image: --pooling {opts.pooling} / --time-mode {opts.time_mode})"
+    check_fits(work, device, what)
+
+
+class _Clock:
+    """Adds wall seconds per key to a dict; does nothing (and never syncs) without one."""
+
+    def __init__(self, timings: dict[str, float] | None, device: torch.device) -> None:
+        self.timings, self.device = timings, device
+
+    @contextlib.contextmanager
+    def __call__(self, key: str) -> Iterator[None]:
+        if self.timings is None:
+            yield
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
