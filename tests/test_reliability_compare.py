@@ -153,3 +153,24 @@ def test_settings_record_what_the_engine_did_and_the_numbers_follow_them(pair, o
         monkeypatch.setattr(run_module, "capture", lambda model, names, pooling="mean", **kw: real(model, names, **kw))
         mutated = cmp.compare_checkpoints(pre, ft, **opts, **{option: value})
         assert mutated["settings"]["pooling"] != value  # the record follows the capture, not the options
+
+
+def test_the_assumptions_can_be_overridden_from_the_command_line(tmp_path, capsys):
+    # A bare timm state dict stores no heads, eps or activation: each is assumed with a
+    # warning naming its flag, and the flags take them away and reach the model.
+    torch.manual_seed(0)
+    sd = VisionTransformer(CFG).state_dict()
+    pre, ft = tmp_path / "pre.pth", tmp_path / "ft.pth"
+    torch.save(sd, pre)
+    torch.save({k: v + 0.01 * torch.randn_like(v) for k, v in sd.items()}, ft)
+    common = ["compare", str(pre), str(ft), "--samples", "16", "--batch-size", "8", "--no-figures",
+              "--format", "json", "--bootstrap", "0"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "assumed num_heads=" in err and "--num-heads" in err
+    assert main([*common, "--num-heads", "2", "--norm-eps", "1e-5", "--act", "gelu_tanh", "--out", str(tmp_path / "b")]) == 0
+    assert "assumed" not in capsys.readouterr().err
+    res = json.loads((tmp_path / "b" / "results.json").read_text())
+    cfg = res["model"]["config"]
+    assert (cfg["num_heads"], cfg["norm_eps"], cfg["act"]) == (2, 1e-5, "gelu_tanh")
+    assert res["checkpoints"]["pre"]["assumed"] == []

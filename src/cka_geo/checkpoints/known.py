@@ -52,8 +52,8 @@ KNOWN: dict[str, dict[str, tuple[Any, str]]] = {
 #: How a user overrides each assumption.
 OVERRIDE = {
     "num_heads": "--num-heads / load_checkpoint(num_heads=…)",
-    "norm_eps": "load_checkpoint(norm_eps=…)",
-    "act": "load_checkpoint(act=…)",
+    "norm_eps": "--norm-eps / load_checkpoint(norm_eps=…)",
+    "act": "--act / load_checkpoint(act=…)",
     "img_size": "load_checkpoint(img_size=(h, w))",
 }
 

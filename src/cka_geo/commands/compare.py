@@ -39,7 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-figures", action="store_true", help="do not draw figures")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled code in the checkpoint files (only for files you trust)")
     p.add_argument("--prefix", help="encoder prefix in the files when the automatic choice is wrong")
-    p.add_argument("--num-heads", type=int, help="attention heads when the files do not store them (default: width / 64)")
+    p.add_argument("--num-heads", type=int, help="attention heads when the files do not store them (default: a known fact of the family, else width / 64 with a warning)")
+    p.add_argument("--norm-eps", type=float, help="LayerNorm epsilon when the files do not store it (default: known, else 1e-6 with a warning)")
+    p.add_argument("--act", choices=("gelu", "gelu_tanh", "quick_gelu", "silu"), help="MLP activation when the files do not say it (default: known, else gelu with a warning)")
+    p.add_argument("--wavelengths", nargs="+", metavar="WL", help="DOFA: input band wavelengths in µm or band names (B02 B03 ... or RED NIR_NARROW ...; default: stored band names, else the 13 Sentinel-2 L1C bands)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar on stderr (default: when stderr is a terminal)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on stderr but errors")
 
@@ -70,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
         trust=args.trust_checkpoint,
         prefix=args.prefix,
         num_heads=args.num_heads,
+        norm_eps=args.norm_eps,
+        act=args.act,
+        wavelengths=tuple(_number_or_name(w) for w in args.wavelengths) if args.wavelengths else None,
         own_change=not args.no_own_change,
         bootstrap=args.bootstrap,
         confidence=args.confidence,
@@ -99,3 +105,10 @@ def run(args: argparse.Namespace) -> int:
     if written and not args.quiet:
         print(f"wrote {', '.join(written)} to {args.out}", file=sys.stderr)
     return 0
+
+
+def _number_or_name(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text

@@ -54,6 +54,11 @@ class CompareOptions:
         trust: Allow pickle code in checkpoint files (only for files you trust).
         prefix: Encoder prefix override for both files.
         num_heads: Attention heads when not stored in the files (default width / 64).
+        norm_eps: LayerNorm epsilon, overriding what the files store or the family's known
+            value (else 1e-6, assumed with a warning).
+        act: MLP activation (``gelu``, ``gelu_tanh``, ``quick_gelu``, ``silu``), likewise.
+        wavelengths: DOFA only: the input bands' wavelengths in µm or band names (default:
+            band names stored in the file, else the 13 Sentinel-2 L1C bands).
         own_change: Also compute each sublayer's own change.
         bootstrap: Bootstrap replicates for the intervals (0 for none).
         confidence: Level of the intervals.
@@ -75,6 +80,9 @@ class CompareOptions:
     trust: bool = False
     prefix: str | None = None
     num_heads: int | None = None
+    norm_eps: float | None = None
+    act: str | None = None
+    wavelengths: tuple[float | str, ...] | None = None
     own_change: bool = True
     bootstrap: int = 1000
     confidence: float = 0.95
