@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import NoReturn
 
 import torch
 
@@ -23,7 +24,7 @@ COMMANDS = ("compare", "plot", "pretrain", "finetune", "evaluate", "demo", "prob
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
+    def error(self, message: str) -> NoReturn:  # one line, exit 2
         sub = self.prog.removeprefix("cka-geo").strip()
         self.exit(2, f"cka-geo: error: {sub + ': ' if sub else ''}{one_line(message)}\n")
 

@@ -86,7 +86,7 @@ def resolve_wavelengths(
             )
         names = BAND_SELECTIONS[wavelengths]
         return [S2_WAVELENGTHS[n] for n in names], f"Sentinel-2 {' '.join(names)}"
-    items = list(wavelengths)
+    items: list[Any] = list(wavelengths)
     if not items:
         raise error("wavelengths is empty: give one per input band")
     if all(isinstance(w, str) for w in items):

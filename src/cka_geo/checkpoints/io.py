@@ -128,7 +128,7 @@ def _blocked_names(message: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _one_line(text: str, limit: int = 200) -> str:
+def _one_line(text: str | BaseException, limit: int = 200) -> str:
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 1] + "…"
 

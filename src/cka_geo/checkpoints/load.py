@@ -326,7 +326,7 @@ def _resolve(
 
 
 def _depth(config: Any) -> int:
-    return getattr(config, "depth", None) or getattr(config, "layers", 0)
+    return int(getattr(config, "depth", None) or getattr(config, "layers", None) or 0)
 
 
 def build_model(

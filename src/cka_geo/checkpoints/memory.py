@@ -102,7 +102,8 @@ def load_model(
                 f"{label}: rotary position embeddings (EVA-02 / DINOv3 style) have no "
                 "equivalent in the timm-named ViT; not supported"
             )
-        tower = model.visual if isinstance(getattr(model, "visual", None), nn.Module) else model
+        visual = getattr(model, "visual", None)
+        tower = visual if isinstance(visual, nn.Module) else model
         stored = module_facts(tower)
         obj: Any = {k: v.detach() for k, v in model.state_dict().items()}
     elif isinstance(model, dict):

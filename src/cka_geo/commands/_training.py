@@ -238,9 +238,19 @@ def embedded(split: str, task: str, tile_size: int, bands: int, stride: int | No
         if checkpoint is not None:
             raise DataError(f"{checkpoint}: a {bands}-band encoder; the embedded tiles serve {served} bands only")
         raise UsageError(f"--bands {bands}: the embedded tiles serve {served} bands only")
-    return EmbeddedS2Tiles(split, tile_size=tile_size, task=task, bands=bands, stride=stride)
+    return EmbeddedS2Tiles(split, tile_size=tile_size, task=task, bands=bands, stride=stride)  # type: ignore[arg-type]
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
     """``name=value`` pairs on one line."""
     return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+
+def square_size(cfg: Any, path: Any) -> int:
+    """The encoder's image size for training on square tiles; a rectangular one is refused."""
+    size = cfg.img_size
+    if isinstance(size, tuple):
+        if size[0] != size[1]:
+            raise UsageError(f"{path}: a {size[0]}x{size[1]} encoder; training takes square tiles only")
+        size = size[0]
+    return int(size)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cka_geo.commands import _training as T
+from cka_geo.errors import CkaGeoError
 
 NAME = "demo"
 HELP = "Pretrain, fine-tune twice and compare, on the embedded Sentinel-2 crop (a few minutes on a CPU)."
@@ -96,8 +97,8 @@ def _figures(results: dict[str, dict[str, Any]], depth: int, fig_dir: Path) -> l
         for ax, (name, res) in zip(axes[0], results.items(), strict=True):
             prof = _profile(res.get(key) or {}, depth)
             for kind, ys in prof.items():
-                xs = [i for i, y in enumerate(ys) if y is not None]
-                ax.plot(xs, [1 - ys[i] for i in xs], marker="o", ms=3, color=colors[kind], label=kind)
+                pts = [(i, 1 - y) for i, y in enumerate(ys) if y is not None]
+                ax.plot([i for i, _ in pts], [v for _, v in pts], marker="o", ms=3, color=colors[kind], label=kind)
             ax.set_title(_label(name, depth), fontsize=9)
             ax.set_xlabel("block")
             ax.set_xticks(range(depth))
@@ -131,9 +132,9 @@ def _run(args: argparse.Namespace, out: Path, final: Any, t0: float, c0: float) 
     import torch
 
     from cka_geo.atomic import write_text_atomic
+    from cka_geo.models.vit import ViTConfig
     from cka_geo.train import TrainConfig
     from cka_geo.train.runs import build_vit, finetune, pretrain
-    from cka_geo.vit import ViTConfig
 
     depth = 2 if args.quick else 12
     p_epochs = 1 if args.quick else args.pretrain_epochs
@@ -156,14 +157,17 @@ def _run(args: argparse.Namespace, out: Path, final: Any, t0: float, c0: float) 
                    objective_kwargs={"mask_ratio": 0.75, "decoder_dim": 64, "decoder_depth": 1})
     timings["pretrain_s"] = time.perf_counter() - t
     mae_loss = [r["train_loss"] for r in pre.train.history["epochs"]]
+    encoder_path = pre.encoder_path
+    if encoder_path is None:  # pretrain always writes one; the type says it may not
+        raise CkaGeoError(f"{out / 'pretrain'}: pretraining wrote no encoder")
 
     runs: dict[str, Any] = {}
     for decoder in SETTINGS:
         t = time.perf_counter()
         fcfg = TrainConfig(epochs=f_epochs, batch_size=32, lr=1e-3, warmup_steps=20, seed=args.seed, progress=args.progress)
-        res = finetune(pre.encoder_path, train, out / f"finetune_{decoder}", fcfg, task="segmentation",
+        res = finetune(encoder_path, train, out / f"finetune_{decoder}", fcfg, task="segmentation",
                        num_outputs=2, decoder=decoder, decoder_channels=16, adaptation="full",
-                       val_data=val, test_data=test, source=str(final(pre.encoder_path)))
+                       val_data=val, test_data=test, source=str(final(encoder_path)))
         timings[f"finetune_{decoder}_s"] = time.perf_counter() - t
         runs[decoder] = res
 

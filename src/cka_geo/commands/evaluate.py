@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{path}: no such checkpoint")
     model = load_task_model(path, trust=args.trust_checkpoint)
     cfg = model.encoder.cfg
-    data = T.embedded(args.split, model.task, cfg.img_size, cfg.in_chans, checkpoint=path)
+    data = T.embedded(args.split, model.task, T.square_size(cfg, path), cfg.in_chans, checkpoint=path)
     metrics = evaluate(model, data, args.batch_size)
     if args.json:
         print(json.dumps({"checkpoint": str(path), "split": args.split, "task": model.task, **metrics}))

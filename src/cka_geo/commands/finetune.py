@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     in_place = T.resumes_in_place(resume, args.out)
     with claim(args.out, NAME, inputs=(args.checkpoint, resume), in_place=in_place) as out:  # before any work
         encoder = load_encoder(args.checkpoint, trust=args.trust_checkpoint)
-        size, bands = encoder.cfg.img_size, encoder.cfg.in_chans
+        size, bands = T.square_size(encoder.cfg, args.checkpoint), encoder.cfg.in_chans
         stride = args.stride or max(1, size // 2)
         train = T.embedded("train", args.task, size, bands, stride=stride, checkpoint=args.checkpoint)
         val = T.embedded("val", args.task, size, bands, checkpoint=args.checkpoint)

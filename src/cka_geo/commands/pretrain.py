@@ -30,8 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Train, write OUT/pretrained.pt, print its path and the final loss."""
     from cka_geo.commands._output import claim
+    from cka_geo.models.vit import ViTConfig
     from cka_geo.train.runs import build_vit, pretrain
-    from cka_geo.vit import ViTConfig
 
     T.set_threads(args.threads)
     if args.mask_ratio >= 1:

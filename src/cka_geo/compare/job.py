@@ -75,10 +75,12 @@ def compare_models(
 
 
 def _load_any(x: Any, opts: CompareOptions) -> LoadedCheckpoint:
-    told = {"prefix": opts.prefix, "num_heads": opts.num_heads, "norm_eps": opts.norm_eps, "act": opts.act}
     if isinstance(x, (nn.Module, dict)):
         from cka_geo.checkpoints.memory import load_model
 
-        return load_model(x, **told)
-    wavelengths = list(opts.wavelengths) if opts.wavelengths else None
-    return load_checkpoint(x, trust=opts.trust, wavelengths=wavelengths, **told)
+        return load_model(x, prefix=opts.prefix, num_heads=opts.num_heads, norm_eps=opts.norm_eps, act=opts.act)
+    wavelengths: Any = list(opts.wavelengths) if opts.wavelengths else None
+    return load_checkpoint(
+        x, trust=opts.trust, prefix=opts.prefix, num_heads=opts.num_heads, norm_eps=opts.norm_eps,
+        act=opts.act, wavelengths=wavelengths,
+    )

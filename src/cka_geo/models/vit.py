@@ -236,7 +236,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.embed_dim
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, d)
+        self.patch_embed: nn.Module = PatchEmbed(cfg.patch_size, cfg.in_chans, d)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.dist_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, d)) if cfg.reg_tokens else None

@@ -38,7 +38,7 @@ class TrainContext:
 
     Attributes:
         model: The module being trained (objective or task model).
-        encoder: Its :class:`~cka_geo.vit.VisionTransformer`, or None.
+        encoder: Its :class:`~cka_geo.models.vit.VisionTransformer`, or None.
         step: Optimizer steps done so far (global, across resumes).
         epoch: Current epoch, 0-based.
         epochs: Total epochs of the run.

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +90,7 @@ class LinearDecoder(nn.Module):
 
     def forward(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, classes, H, W) for images ``x`` through ``encoder``."""
-        (f,) = encoder.forward_intermediates(x, [self.tap])
+        (f,) = _intermediates(encoder)(x, [self.tap])
         f = self.norm(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return F.pixel_shuffle(self.proj(f), self.patch_size)
 
@@ -153,7 +154,7 @@ class UPerNetDecoder(nn.Module):
 
     def forward(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, classes, H, W) for images ``x`` through ``encoder``."""
-        feats = encoder.forward_intermediates(x, self.taps)
+        feats = _intermediates(encoder)(x, self.taps)
         feats = [m(f) for m, f in zip(self.neck, feats, strict=True)]
         lat = [conv(f) for conv, f in zip(self.lateral, feats[:3], strict=True)]
         lat.append(self.ppm(feats[3]))
@@ -192,7 +193,7 @@ class ProgressiveDecoder(nn.Module):
 
     def forward(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, classes, H, W) for images ``x`` through ``encoder``."""
-        (f,) = encoder.forward_intermediates(x, [self.tap])
+        (f,) = _intermediates(encoder)(x, [self.tap])
         f = self.norm(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         for i, stage in enumerate(self.stages):
             f = stage(f)
@@ -214,7 +215,7 @@ def build_decoder(
     taps: Sequence[int] | None = None,
     channels: int = 64,
 ) -> nn.Module:
-    """A decoder by name for an encoder of config ``encoder_cfg`` (a :class:`~cka_geo.vit.ViTConfig`).
+    """A decoder by name for an encoder of config ``encoder_cfg`` (a :class:`~cka_geo.models.vit.ViTConfig`).
 
     Args:
         name: ``"linear"``, ``"upernet"`` or ``"progressive"``.
@@ -246,3 +247,8 @@ __all__ = [
     "build_decoder",
     "default_taps",
 ]
+
+
+def _intermediates(encoder: nn.Module) -> Any:
+    """``encoder.forward_intermediates`` (a method of the ViT, not a submodule)."""
+    return getattr(encoder, "forward_intermediates")  # noqa: B009

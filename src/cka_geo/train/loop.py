@@ -33,7 +33,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -157,7 +157,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _rng_state() -> dict[str, Any]:
-    name, key, pos, has_gauss, cached = np.random.get_state()
+    name, key, pos, has_gauss, cached = cast(tuple, np.random.get_state())
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
@@ -374,7 +374,7 @@ def fit(
                 lr = get_lr(step, total_steps, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                loss, logs = model.training_step(batch, gen)
+                loss, logs = getattr(model, "training_step")(batch, gen)  # noqa: B009
                 if not torch.isfinite(loss):
                     raise CkaGeoError(f"loss became {float(loss)} at step {step} (epoch {epoch}); "
                                       "lower the learning rate")

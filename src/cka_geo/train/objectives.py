@@ -1,4 +1,4 @@
-"""Self-supervised pretraining objectives for :class:`~cka_geo.vit.VisionTransformer`.
+"""Self-supervised pretraining objectives for :class:`~cka_geo.models.vit.VisionTransformer`.
 
 Each objective is an ``nn.Module`` that owns the encoder as ``self.encoder`` (timm keys,
 saved on their own as the pretrained checkpoint) and implements
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cka_geo.errors import DataError
-from cka_geo.vit import Block, VisionTransformer, ViTConfig
+from cka_geo.models.vit import Block, VisionTransformer, ViTConfig
 
 
 def _images(batch: Any) -> torch.Tensor:

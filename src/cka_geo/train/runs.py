@@ -18,13 +18,14 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import Subset
 
 from cka_geo.atomic import write_text_atomic
 from cka_geo.errors import CheckpointError
+from cka_geo.models.vit import VisionTransformer, ViTConfig
 from cka_geo.train.loop import (
     TrainConfig,
     TrainResult,
@@ -43,7 +44,6 @@ from cka_geo.train.tasks import (
     set_adaptation,
     stratified_indices,
 )
-from cka_geo.vit import VisionTransformer, ViTConfig
 
 
 def build_vit(cfg: ViTConfig, seed: int = 0) -> VisionTransformer:
@@ -111,7 +111,7 @@ def load_encoder(path: str | Path, trust: bool = False) -> VisionTransformer:
     loaded = load_checkpoint(path, trust=trust)
     if loaded.family != "timm":
         raise CheckpointError(f"{path}: fine-tuning needs a timm-style ViT, found {loaded.family}")
-    enc = build_model(loaded)
+    enc = cast(VisionTransformer, build_model(loaded))
     enc.requires_grad_(True)
     return enc.train()
 
@@ -243,7 +243,7 @@ def load_task_model(path: str | Path, trust: bool = False) -> TaskModel:
     if not isinstance(head, dict) or "config" not in head or "state_dict" not in head:
         raise CheckpointError(f"{path}: no task head (not an ft.pt written by cka-geo finetune)")
     c = head["config"]
-    model = TaskModel(build_model(loaded), c["task"], c["num_outputs"], decoder=c["decoder"] or "linear",
+    model = TaskModel(cast(VisionTransformer, build_model(loaded)), c["task"], c["num_outputs"], decoder=c["decoder"] or "linear",
                       taps=c["taps"], decoder_channels=c["decoder_channels"], ignore_index=c["ignore_index"])
     sd = {k.removeprefix("head."): v for k, v in head["state_dict"].items()}
     try:

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cka_geo.errors import DataError, UsageError
+from cka_geo.models.vit import VisionTransformer
 from cka_geo.train.decoders import build_decoder
 from cka_geo.train.metrics import ConfusionMeter, RegressionMeter
-from cka_geo.vit import VisionTransformer
 
 TASKS = ("classification", "regression", "segmentation")
 ADAPTATIONS = ("frozen", "full", "last-k")
