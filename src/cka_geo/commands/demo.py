@@ -24,12 +24,13 @@ from typing import Any
 
 from cka_geo.commands import _training as T
 from cka_geo.errors import CkaGeoError
+from cka_geo.sublayers import DEFAULT_KINDS, parse
 
 NAME = "demo"
 HELP = "Pretrain, fine-tune twice and compare, on the embedded Sentinel-2 crop (a few minutes on a CPU)."
 
 SETTINGS = ("linear", "upernet")
-KINDS = ("attn", "fc1", "fc2", "block")
+KINDS = DEFAULT_KINDS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,20 +57,12 @@ def _label(decoder: str, depth: int) -> str:
     return f"full fine-tune, {decoder} decoder"
 
 
-def _kind(name: str) -> str:
-    tail = name.split(".", 2)[2] if name.count(".") >= 2 else "block"
-    return {"attn": "attn", "mlp.fc1": "fc1", "mlp.fc2": "fc2", "mlp.act": "act"}.get(tail, "block")
-
-
-def _block(name: str) -> int:
-    return int(name.split(".")[1])
-
-
 def _profile(values: dict[str, float | None], depth: int) -> dict[str, list[float | None]]:
     out: dict[str, list[float | None]] = {k: [None] * depth for k in KINDS}
     for name, v in values.items():
-        if _kind(name) in out:
-            out[_kind(name)][_block(name)] = v
+        parsed = parse(name)
+        if parsed is not None and parsed[1] in out:
+            out[parsed[1]][parsed[0]] = v
     return out
 
 
