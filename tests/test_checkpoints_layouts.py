@@ -421,7 +421,7 @@ def test_open_clip_full_clip_state_dict(tmp_path, name, bands, patch):
         save_file(sd, str(path))
     else:
         torch.save(sd, path)
-    with pytest.warns(RuntimeWarning, match=r"assumed act=gelu .*override: load_checkpoint\(act="):
+    with pytest.warns(RuntimeWarning, match=r"assumed act=gelu .*override: --act / load_checkpoint\(act="):
         loaded = load_checkpoint(path, num_heads=1)
     # converted on load into the timm-named ViT (ln_pre -> norm_pre, in_proj -> qkv)
     assert loaded.family == "timm" and loaded.source == "open_clip" and loaded.prefix == "visual."

@@ -320,26 +320,14 @@ class MinibatchCKA:
         if self._sigmas:
             sa = torch.stack([s[0] for s in self._sigmas]).cpu().numpy()
             sb = torch.stack([s[1] for s in self._sigmas]).cpu().numpy()
+        names_a, names_b = list(self.names_a), list(self.names_b)  # type: ignore[arg-type]
         return CKAResult(
-            names_a=list(self.names_a),  # type: ignore[arg-type]
-            names_b=list(self.names_b),  # type: ignore[arg-type]
-            matrix=matrix,
-            cross=cross,
-            self_a=self_a,
-            self_b=self_b,
-            batch_cross=bc,
-            batch_self_a=bsa,
-            batch_self_b=bsb,
-            batch_sizes=list(self.batch_sizes),
-            samples=int(sum(self.batch_sizes)),
-            samples_skipped=self.samples_skipped,
-            kernel=self.kernel,
-            estimator=self.estimator,
+            names_a, names_b, matrix, cross, self_a, self_b,  # sums
+            bc, bsa, bsb, list(self.batch_sizes),  # per batch
+            samples=int(sum(self.batch_sizes)), samples_skipped=self.samples_skipped,
+            kernel=self.kernel, estimator=self.estimator,
             rbf_frac=self.rbf_frac if self.kernel == "rbf" else None,
-            sigma_a=sa,
-            sigma_b=sb,
-            degenerate_a=deg_a,
-            degenerate_b=deg_b,
+            sigma_a=sa, sigma_b=sb, degenerate_a=deg_a, degenerate_b=deg_b,
         )
 
 

@@ -24,17 +24,11 @@ import torch
 from cka_geo.errors import CheckpointError
 
 _BLOCK = re.compile(r"^transformer\.resblocks\.(\d{1,9})\.(.+)$")
-_BLOCK_RENAME = {
-    "ln_1.": "norm1.",
-    "ln_2.": "norm2.",
-    "attn.in_proj_weight": "attn.qkv.weight",
-    "attn.in_proj_bias": "attn.qkv.bias",
-    "attn.out_proj.": "attn.proj.",
-    "mlp.c_fc.": "mlp.fc1.",
-    "mlp.c_proj.": "mlp.fc2.",
-    "ls_1.": "ls1.",
-    "ls_2.": "ls2.",
-}
+_BLOCK_RENAME = {  # open_clip -> timm, within a block
+    "ln_1.": "norm1.", "ln_2.": "norm2.", "ls_1.": "ls1.", "ls_2.": "ls2.",
+    "attn.in_proj_weight": "attn.qkv.weight", "attn.in_proj_bias": "attn.qkv.bias",
+    "attn.out_proj.": "attn.proj.", "mlp.c_fc.": "mlp.fc1.", "mlp.c_proj.": "mlp.fc2.",
+}  # fmt: skip
 #: open_clip model-config names (``vision_cfg``) of what the weights do not reveal.
 CONFIG_NAMES = {"heads": "num_heads", "quick_gelu": "act", "image_size": "img_size"}
 

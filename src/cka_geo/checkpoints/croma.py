@@ -141,15 +141,8 @@ def infer(
         notes.append("no transformer.norm_out in the checkpoint: built without a final norm")
     try:
         config = CromaConfig(
-            img_size=img,
-            patch_size=PATCH,
-            in_chans=bands,
-            embed_dim=width,
-            depth=depth,
-            num_heads=heads,
-            mlp_hidden_dim=hidden,
-            final_norm=final_norm,
-            modality=modality,
+            img_size=img, patch_size=PATCH, in_chans=bands, embed_dim=width, depth=depth,
+            num_heads=heads, mlp_hidden_dim=hidden, final_norm=final_norm, modality=modality,
         )
     except ValueError as exc:
         raise CheckpointError(f"{where}: inferred an impossible encoder: {exc}") from exc

@@ -56,24 +56,15 @@ class TaskModel(nn.Module):
     """
 
     def __init__(
-        self,
-        encoder: VisionTransformer,
-        task: str,
-        num_outputs: int,
-        decoder: str = "linear",
-        taps: Sequence[int] | None = None,
-        decoder_channels: int = 64,
-        ignore_index: int = -1,
+        self, encoder: VisionTransformer, task: str, num_outputs: int, decoder: str = "linear",
+        taps: Sequence[int] | None = None, decoder_channels: int = 64, ignore_index: int = -1,
     ) -> None:
         super().__init__()
         if task not in TASKS:
             raise UsageError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
         if num_outputs < 1:
             raise UsageError(f"num_outputs must be positive, got {num_outputs}")
-        self.encoder = encoder
-        self.task = task
-        self.num_outputs = num_outputs
-        self.ignore_index = ignore_index
+        self.encoder, self.task, self.num_outputs, self.ignore_index = encoder, task, num_outputs, ignore_index
         self.decoder_name = decoder if task == "segmentation" else None
         self.taps = list(taps) if taps is not None else None
         self.decoder_channels = decoder_channels
