@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cka_geo import cli, plotting
+from cka_geo.compare.verdict import summarize
 from cka_geo.errors import DataError, UsageError
 
 DPI = 40  # divisible by 4: quarter-inch figure sizes give whole pixels; small and fast
@@ -55,7 +56,12 @@ def synthetic(
             if own
             else None
         ),
-        "summary": {"identical": False, "most_changed": layers[int(np.argmin(diag))]},
+        "summary": summarize(
+            layers,
+            dict(zip(layers, diag.tolist(), strict=True)),
+            dict(zip(layers, own_change.tolist(), strict=True)) if own else None,
+            identical=False,
+        ),
         "settings": {
             "kernel": "linear",
             "estimator": "unbiased",
@@ -131,9 +137,10 @@ def test_change_bars_mark_the_planted_sublayer_in_the_own_view(results):
     notes = texts(fig)
     same, own = fig.axes[0], fig.axes[1]
     own_notes = [t.get_text() for t in own.texts]
-    assert any(f"largest: {PLANT}" in t for t in own_notes), own_notes
-    # same-layer change is largest at the end of the network, not at the plant
-    assert any("largest: blocks.11" in t.get_text() for t in same.texts), notes
+    assert any(f"largest own change: {PLANT}" in t for t in own_notes), own_notes
+    # same-layer change is largest at the end of the network, not at the plant, where it starts
+    assert any("most changed: blocks.11" in t.get_text() for t in same.texts), notes
+    assert any(f"first to move: {PLANT}" in t.get_text() for t in same.texts), notes
     # same-layer changes: 1e-4 at the plant, ~0.1 downstream: a log axis; own: linear
     assert same.get_yscale() == "log"
     assert own.get_yscale() == "linear"
@@ -145,12 +152,13 @@ def test_depth_profile_has_a_line_per_type_and_circles_the_extremes(results):
     assert len(fig.axes) == 2
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert labels == ["attn", "mlp.fc1", "mlp.fc2", "block out"]
-    assert any(f"largest: {PLANT}" in t for t in texts(fig))
-    assert any("lowest: blocks.11" in t for t in texts(fig))
-    # the fc1 line in the CKA panel passes through the planted value at block 8
+    assert any(f"largest own change: {PLANT}" in t for t in texts(fig))
+    assert any("most changed: blocks.11" in t for t in texts(fig))
+    # both panels show change, 1 − CKA: the fc1 line of (a) passes through the planted 1e-4
+    assert [ax.get_ylabel().split()[:3] for ax in fig.axes] == [["1", "−", "CKA"]] * 2
     fc1 = next(ln for ln in fig.axes[0].lines if ln.get_label() == "mlp.fc1")
     x, y = fc1.get_data()
-    assert y[list(x).index(8)] == pytest.approx(1 - 1e-4)
+    assert y[list(x).index(8)] == pytest.approx(1e-4)
     fig_one = plotting._draw_depth(plotting._parse(synthetic(own=False)), DPI)
     assert len(fig_one.axes) == 1
 
@@ -162,11 +170,11 @@ def test_identical_encoders_point_at_no_layer(results):
     for key in ("diagonal", "own_change"):
         res[key] = {n: 1.0 + float(rng.normal(0, 2e-8)) for n in res["layers"]}
     res["intervals"] = {n: [1 - 3e-8, 1 + 3e-8] for n in res["layers"]}
-    res["summary"]["identical"] = True
+    res["summary"] = summarize(res["layers"], res["diagonal"], res["own_change"], identical=True)
     r = plotting._parse(res)
     for fig in (plotting._draw_bars(r, DPI), plotting._draw_depth(r, DPI)):
         notes = texts(fig)
-        assert not any("largest" in t or "lowest" in t for t in notes), notes
+        assert not any("changed" in t or "first" in t or "largest" in t for t in notes), notes
         assert sum("no change" in t for t in notes) == 2
         assert any("identical" in t for t in notes)
 
@@ -184,7 +192,7 @@ def test_heatmap_masks_nan_and_labels_blocks(results):
     assert ax.patch.get_hatch()  # NaN cells show a hatched background
     assert [t.get_text() for t in ax.get_xticklabels()] == [str(b) for b in range(12)]
     assert len(ax.xaxis.get_minorticklocs()) == r.n
-    assert fig.axes[1].get_ylabel() == "CKA"
+    assert fig.axes[1].get_ylabel().startswith("1 − CKA")
 
 
 def test_single_figures_infer_format_and_reject_unknown(tmp_path, results):
@@ -202,7 +210,7 @@ def test_single_figures_infer_format_and_reject_unknown(tmp_path, results):
 def test_plot_all_leaves_nothing_when_a_figure_fails(tmp_path, monkeypatch):
     results = synthetic(depth=3, plant="blocks.1.mlp.fc1")
 
-    def broken(r, dpi):
+    def broken(*args):
         raise RuntimeError("boom")
 
     monkeypatch.setitem(plotting._DRAW, "change_bars", broken)

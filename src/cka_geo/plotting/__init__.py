@@ -4,14 +4,19 @@ Everything here reads the dict that ``cka-geo compare`` writes as ``results.json
 ``cka-geo/compare/v1``) and draws publication-ready figures with matplotlib's Agg backend:
 vector PDF/SVG or PNG at a set dpi, colour-blind-safe colours (Okabe & Ito for the sublayer
 types, viridis for the heatmap), a distinct marker per sublayer type so the figures survive
-grey-scale printing, and sizes that grow with the depth of the model.
+grey-scale printing, and sizes that grow with the depth of the model. Every figure shows
+change as 1 − CKA (the heatmap's colours over the data's own range on a log scale unless
+``range="full"``), marks the sublayers the verdict names (``summary["most_changed"]``,
+``["first_changed"]``, ``["largest_own_change"]``) and names the checkpoints and the
+settings in its footer.
 
 matplotlib is imported inside the functions that draw, never at module level, so that
 ``import cka_geo`` (and the CLI's parser) stay light.
 
 The package is split by what each module holds: ``results`` (the schema, reading and
 validating), ``style`` (colours, markers, labels, matplotlib rc), ``layout`` (figure sizes,
-block grouping, the scale of change axes), ``canvas`` (what every drawing shares),
+block grouping, the scale of change axes), ``view`` (the heatmap's colour options and the
+verdict's marks), ``canvas`` (what every drawing shares),
 ``heatmap``, ``depth`` and ``bars`` (one drawing each) and ``save`` (formats, dpi, metadata
 and the public ``plot_*`` functions and :func:`figures`). Everything public is re-exported
 here.

@@ -1,4 +1,4 @@
-"""The change bars: 1 − CKA per sublayer, grouped by block and coloured by type."""
+"""The change bars: 1 − CKA per sublayer by block, coloured by type, the verdict's sublayers named."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from cka_geo.plotting.layout import (
 )
 from cka_geo.plotting.results import _Parsed
 from cka_geo.plotting.style import TYPE_COLORS, TYPE_LABELS
+from cka_geo.plotting.view import View, mark_label, marks
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -47,6 +48,7 @@ def _draw_bar_panel(
     bands: np.ndarray | None,
     title: str,
     label: str,
+    named: list[tuple[str | None, list[str]]],
 ) -> bool:
     x, centres = _bar_positions(r)
     change = _snap(change)
@@ -110,12 +112,24 @@ def _draw_bar_panel(
     else:
         ax.axhline(0, color="black", linewidth=0.6, zorder=2)
         ax.set_ylabel(label)
-    if not (finite.any() and np.nanmax(change) > 0):
+    drawn = [(name, kinds) for name, kinds in named if name is not None]
+    if not drawn:
         if scale == "linear":
             ax.set_ylim(-0.05, 1.0)
         _no_change_note(ax, r)
-    else:
-        i = int(np.nanargmax(change))
+    for k, (name, kinds) in enumerate(drawn):
+        i = r.layers.index(name) if name in r.layers else None
+        if i is None or not np.isfinite(change[i]):
+            ax.text(
+                0.01,
+                0.97 - 0.1 * k,
+                f"{mark_label(name, kinds)} (not drawn)",
+                transform=ax.transAxes,
+                ha="left",
+                va="top",
+                fontsize=7.5,
+            )
+            continue
         top_y = max(change[i], CHANGE_FLOOR) if scale == "log" else change[i]
         ax.bar(
             [x[i]],
@@ -128,9 +142,9 @@ def _draw_bar_panel(
             zorder=4,
         )
         ax.annotate(
-            f"largest: {r.layers[i]}\n1 − CKA = {_fmt_change(float(change[i]))}",
+            mark_label(name, kinds, f"1 − CKA = {_fmt_change(float(change[i]))}"),
             xy=(x[i], top_y),
-            xytext=(0, 10),
+            xytext=(0, 10 + 26 * k),
             textcoords="offset points",
             ha="center",
             va="bottom",
@@ -150,9 +164,9 @@ def _draw_bar_panel(
             },
             zorder=6,
         )
-        if scale == "linear":
-            lo, hi = ax.get_ylim()
-            ax.set_ylim(min(lo, 0.0), hi + 0.35 * (hi - min(lo, 0.0)))
+    if drawn and scale == "linear":
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(min(lo, 0.0), hi + (0.35 + 0.2 * (len(drawn) - 1)) * (hi - min(lo, 0.0)))
     ax.set_title(title, loc="left")
     max_labels = max(8, int(cast("Figure", ax.figure).get_figwidth() * 4))
     step = max(1, math.ceil(len(centres) / max_labels))
@@ -166,12 +180,14 @@ def _draw_bar_panel(
     return scale == "log"
 
 
-def _draw_bars(r: _Parsed, dpi: int) -> Figure:
+def _draw_bars(r: _Parsed, dpi: int, view: View | None = None) -> Figure:
     from matplotlib.patches import Patch
 
     fig = _new_figure(_sizes(r)["change_bars"], dpi)
     panels = 2 if r.own is not None else 1
     axes = fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
+    named = marks(r)
+    most, first = named["most_changed"], named["first_changed"]
     same_bands = 1.0 - r.intervals[:, ::-1] if r.intervals is not None else None
     logs = [
         _draw_bar_panel(
@@ -179,9 +195,13 @@ def _draw_bars(r: _Parsed, dpi: int) -> Figure:
             r,
             1.0 - r.diagonal,
             same_bands,
-            "(a) Same-layer change, 1 − CKA(pre, fine-tuned)\n"
+            "(a) Same-layer change, 1 − CKA(pre, fine-tuned): higher = more change\n"
             "      includes every change upstream of the layer",
             "1 − CKA",
+            [
+                (most, ["most changed"] + (["first to move"] if first == most else [])),
+                (first if first != most else None, ["first to move"]),
+            ],
         )
     ]
     if r.own is not None:
@@ -192,9 +212,10 @@ def _draw_bars(r: _Parsed, dpi: int) -> Figure:
                 r,
                 1.0 - r.own,
                 own_bands,
-                "(b) Own change of each sublayer, 1 − CKA\n"
+                "(b) Own change of each sublayer, 1 − CKA: higher = more change\n"
                 "      fine-tuned sublayer applied to the pretrained input",
                 "1 − CKA",
+                [(named["largest_own_change"], ["largest own change"])],
             )
         )
     within = _within_block(r)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from cka_geo.errors import CkaGeoError
-from cka_geo.plotting.layout import CHANGE_FLOOR, _settings_line
+from cka_geo.plotting.layout import _settings_line
 from cka_geo.plotting.results import _Parsed
 
 if TYPE_CHECKING:
@@ -32,21 +32,29 @@ def _new_figure(size: tuple[float, float], dpi: int) -> Figure:
 
 
 def _decorate(fig: Figure, title: str | None, r: _Parsed, note: str = "") -> None:
-    """An optional short bold title on top; settings and ``note`` as a small grey footnote."""
+    """An optional short bold title on top; a small grey footer wrapped to the figure's width.
+
+    The footer names the two checkpoints (their file names), then the settings (kernel,
+    estimator, pooling, samples, batches, intervals), then ``note``.
+    """
+    import textwrap
+
+    from cka_geo.plotting.view import checkpoint_line
+
     if title:  # (figures with a legend on top go without: constrained layout would overlap them)
-        fig.suptitle(title, fontsize=10, fontweight="bold")
-    line = " · ".join(part for part in (_settings_line(r), note) if part)
-    if line:
-        import textwrap
-
-        # wrap to the figure's width (about 0.55 em per character at 7 pt)
-        chars = max(40, int(fig.get_figwidth() * 72 / (0.55 * 7)) - 4)
-        fig.supxlabel(textwrap.fill(line, chars), fontsize=7, color="#555555")
+        width = max(30, int(fig.get_figwidth() * 72 / (0.72 * 10)))  # about 0.72 em a character, bold
+        fig.suptitle(textwrap.fill(title, width), fontsize=10, fontweight="bold")
+    line = " · ".join(part for part in (checkpoint_line(r), _settings_line(r), note) if part)
+    # wrap to the figure's width (about 0.55 em per character at 7 pt)
+    chars = max(40, int(fig.get_figwidth() * 72 / (0.55 * 7)) - 4)
+    fig.supxlabel(textwrap.fill(line, chars, break_long_words=True), fontsize=7, color="#555555")
 
 
-def _no_change_note(ax: Axes, r: _Parsed) -> None:
+def _no_change_note(ax: Axes, r: _Parsed, text: str | None = None) -> None:
     """Say in the panel that nothing changed, instead of pointing at noise."""
-    text = f"no change: |1 − CKA| ≤ {CHANGE_FLOOR:g} at every layer"
+    from cka_geo.plotting.view import NO_CHANGE
+
+    text = text or NO_CHANGE
     if r.summary.get("identical"):
         text += "\n(the two encoders are identical)"
     ax.text(

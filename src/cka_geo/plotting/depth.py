@@ -1,4 +1,4 @@
-"""The depth profile: same-layer CKA and own change against block index, a line per type."""
+"""The depth profile: same-layer and own change (1 − CKA) against block index, a line per type."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from cka_geo.plotting.canvas import _decorate, _new_figure, _no_change_note
 from cka_geo.plotting.layout import CHANGE_FLOOR, _change_scale, _sizes, _snap, _type_order
 from cka_geo.plotting.results import _Parsed
 from cka_geo.plotting.style import _LINESTYLES, _MARKERS, TYPE_COLORS, TYPE_LABELS
+from cka_geo.plotting.view import View, mark_label, marks
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -40,8 +41,11 @@ def _series(
     return x, y, b
 
 
-def _mark_extreme(ax: Axes, x: float, y: float, text: str, *, above: bool) -> None:
-    """Circle the point (x, y) and label it; the label stays inside the axes at the edges."""
+def _mark_extreme(ax: Axes, x: float, y: float, text: str, *, above: bool, rank: int = 0) -> None:
+    """Circle the point (x, y) and label it; the label stays inside the axes at the edges.
+
+    ``rank`` stacks a second label higher than the first, so that two marks do not collide.
+    """
     left, right = ax.get_xlim()
     frac = (x - left) / (right - left) if right != left else 0.5
     ha, dx = ("right", 6) if frac > 0.85 else ("left", -6) if frac < 0.15 else ("center", 0)
@@ -58,7 +62,7 @@ def _mark_extreme(ax: Axes, x: float, y: float, text: str, *, above: bool) -> No
     ax.annotate(
         text,
         xy=(x, y),
-        xytext=(dx, 14 if above else -14),
+        xytext=(dx, (14 + 22 * rank) if above else -14 - 22 * rank),
         textcoords="offset points",
         ha=ha,
         va="bottom" if above else "top",
@@ -82,115 +86,112 @@ def _fill(ax: Axes, x: np.ndarray, band: np.ndarray | None, color: str) -> None:
     )
 
 
-def _draw_depth(r: _Parsed, dpi: int) -> Figure:
+def _change_panel(
+    ax: Axes,
+    r: _Parsed,
+    change: np.ndarray,
+    bands: np.ndarray | None,
+    named: list[tuple[str | None, list[str]]],
+    types: list[str],
+    legend: bool,
+) -> bool:
+    """One panel of 1 − CKA against depth, a line per type; the verdict's sublayers circled.
+
+    Returns whether the axis is logarithmic.
+    """
+    canonical = [i for i in range(r.n) if r.blocks[i] is not None]
+    _depth_xaxis(ax, r)
+    change = _snap(change)
+    bands = _snap(bands) if bands is not None else None
+    values = change[canonical] if canonical else change
+    log = _change_scale(values) == "log"
+    for t in types:
+        x, y, band = _series(r, change, bands, t)
+        if log:
+            y = np.maximum(y, CHANGE_FLOOR)
+            band = np.maximum(band, CHANGE_FLOOR) if band is not None else None
+        ax.plot(
+            x,
+            y,
+            label=TYPE_LABELS[t] if legend else "_nolegend_",
+            color=TYPE_COLORS[t],
+            marker=_MARKERS[t],
+            linestyle=_LINESTYLES[t],
+            zorder=3,
+        )
+        _fill(ax, x, band, TYPE_COLORS[t])
+    top = float(np.nanmax(values)) if np.isfinite(values).any() else 0.0
+    if log:
+        ax.set_yscale("log")
+        ax.set_ylim(CHANGE_FLOOR / 1.5, top * 30)
+        ax.set_ylabel("1 − CKA  (log scale)")
+    else:
+        ax.set_ylabel("1 − CKA")
+        ax.ticklabel_format(axis="y", useOffset=False)
+        if top > 0:
+            ax.set_ylim(min(0.0, float(np.nanmin(values))) - 0.04 * top, top * 1.45)
+        else:
+            ax.set_ylim(-0.05, 1.0)
+    said = []
+    for k, (name, kinds) in enumerate(named):
+        if name is None:
+            continue
+        i = r.layers.index(name) if name in r.layers else None
+        if i is None or r.blocks[i] is None or not np.isfinite(change[i]):
+            said.append(f"{mark_label(name, kinds)} (not on the depth axis)")
+            continue
+        y_mark = max(float(change[i]), CHANGE_FLOOR) if log else float(change[i])
+        _mark_extreme(ax, float(cast("int", r.blocks[i])), y_mark, mark_label(name, kinds), above=True, rank=k)
+    if not any(name for name, _ in named):
+        _no_change_note(ax, r)
+    elif said:
+        ax.text(0.01, 0.97, "\n".join(said), transform=ax.transAxes, ha="left", va="top", fontsize=7.5)
+    _depth_xaxis(ax, r)
+    return log
+
+
+def _draw_depth(r: _Parsed, dpi: int, view: View | None = None) -> Figure:
     fig = _new_figure(_sizes(r)["depth_profile"], dpi)
     panels = 2 if r.own is not None else 1
     axes = fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
     types = [t for t in _type_order(r) if t != "other"]
-    canonical = [i for i in range(r.n) if r.blocks[i] is not None]
-
-    # (a) same-layer CKA (noise within the floor of 1 drawn at 1)
-    ax = axes[0]
-    _depth_xaxis(ax, r)
-    cka = 1.0 - _snap(1.0 - r.diagonal)
-    cka_bands = 1.0 - _snap(1.0 - r.intervals) if r.intervals is not None else None
-    for t in types:
-        x, y, band = _series(r, cka, cka_bands, t)
-        style = {"color": TYPE_COLORS[t], "marker": _MARKERS[t], "linestyle": _LINESTYLES[t]}
-        ax.plot(x, y, label=TYPE_LABELS[t], **style, zorder=3)
-        _fill(ax, x, band, TYPE_COLORS[t])
-    shown = np.concatenate(
-        [cka[canonical], *(() if cka_bands is None else (cka_bands[canonical].ravel(),))]
-    )
-    shown = shown[np.isfinite(shown)]
-    points = cka[canonical]
-    changed = bool(np.isfinite(points).any()) and float(np.nanmin(points)) < 1.0
-    if changed:
-        lo, hi = float(shown.min()), max(1.0, float(shown.max()))
-        pad = 0.06 * (hi - lo)
-        ax.set_ylim(lo - 3 * pad, hi + pad)  # room below for the label of the lowest point
-        i = canonical[int(np.nanargmin(cka[canonical]))]
-        _mark_extreme(
-            ax,
-            float(cast("int", r.blocks[i])),
-            float(cka[i]),  # type: ignore[arg-type]
-            f"lowest: {r.layers[i]}",
-            above=False,
-        )
-    else:
-        ax.set_ylim(0.9, 1.01)
-        if canonical:
-            _no_change_note(ax, r)
-    ax.ticklabel_format(axis="y", useOffset=False)
-    ax.set_ylabel("CKA(pre, fine-tuned)")
-    ax.set_title(
-        "(a) Same-layer CKA(pre, fine-tuned): lower = more change\n"
+    named = marks(r)
+    most, first = named["most_changed"], named["first_changed"]
+    same_marks: list[tuple[str | None, list[str]]] = [
+        (most, ["most changed"] + (["first to move"] if first == most else [])),
+        (first if first != most else None, ["first to move"]),
+    ]
+    # (a) same-layer change, 1 − CKA (noise within the floor drawn at 0)
+    bands = 1.0 - r.intervals[:, ::-1] if r.intervals is not None else None
+    logs = [_change_panel(axes[0], r, 1.0 - r.diagonal, bands, same_marks, types, legend=True)]
+    axes[0].set_title(
+        "(a) Same-layer change, 1 − CKA(pre, fine-tuned): higher = more change\n"
         "      includes every change upstream of the layer",
         loc="left",
     )
-    _depth_xaxis(ax, r)
-    if not canonical:
-        ax.text(
+    if not any(b is not None for b in r.blocks):
+        axes[0].text(
             0.5,
             0.5,
             "no canonical blocks.{i} layers to place on depth",
             ha="center",
             va="center",
-            transform=ax.transAxes,
+            transform=axes[0].transAxes,
         )
-
     # (b) own change, 1 − CKA
-    log_own = False
     if r.own is not None:
-        ax = axes[1]
-        _depth_xaxis(ax, r)
-        change = _snap(1.0 - r.own)
-        bands = _snap(1.0 - r.own_intervals[:, ::-1]) if r.own_intervals is not None else None
-        scale = _change_scale(change[canonical] if canonical else change)
-        log_own = scale == "log"
-        for t in types:
-            x, y, band = _series(r, change, bands, t)
-            if log_own:
-                y = np.maximum(y, CHANGE_FLOOR)
-                band = np.maximum(band, CHANGE_FLOOR) if band is not None else None
-            style = {"color": TYPE_COLORS[t], "marker": _MARKERS[t], "linestyle": _LINESTYLES[t]}
-            ax.plot(x, y, **style, zorder=3)
-            _fill(ax, x, band, TYPE_COLORS[t])
-        values = change[canonical] if canonical else change
-        any_change = bool(np.isfinite(values).any()) and float(np.nanmax(values)) > 0
-        if log_own:
-            ax.set_yscale("log")
-            ax.set_ylim(CHANGE_FLOOR / 1.5, float(np.nanmax(values)) * 8)
-            ax.set_ylabel("1 − CKA  (log scale)")
-        else:
-            ax.set_ylabel("1 − CKA")
-            ax.ticklabel_format(axis="y", useOffset=False)
-        if any_change and canonical:
-            i = canonical[int(np.nanargmax(change[canonical]))]
-            y_mark = max(float(change[i]), CHANGE_FLOOR) if log_own else float(change[i])
-            _mark_extreme(
-                ax,
-                float(cast("int", r.blocks[i])),
-                y_mark,  # type: ignore[arg-type]
-                f"largest: {r.layers[i]}",
-                above=True,
-            )
-            if not log_own:
-                lo, hi = ax.get_ylim()
-                ax.set_ylim(lo, hi + 0.2 * (hi - lo))
-        elif canonical:
-            ax.set_ylim(-0.05, 1.0)
-            _no_change_note(ax, r)
-        ax.set_title(
+        own_bands = 1.0 - r.own_intervals[:, ::-1] if r.own_intervals is not None else None
+        own_marks: list[tuple[str | None, list[str]]] = [(named["largest_own_change"], ["largest own change"])]
+        logs.append(_change_panel(axes[1], r, 1.0 - r.own, own_bands, own_marks, types, legend=False))
+        axes[1].set_title(
             "(b) Own change of each sublayer, 1 − CKA: higher = more change\n"
             "      fine-tuned sublayer applied to the pretrained input",
             loc="left",
         )
-        _depth_xaxis(ax, r)
     axes[-1].set_xlabel("block index")
     fig.legend(
         loc="outside upper center", ncols=max(1, len(types)), handlelength=2.4, columnspacing=1.4
     )
-    note = f"(b): own changes ≤ {CHANGE_FLOOR:g} at the axis floor" if log_own else ""
+    note = f"log axes: changes ≤ {CHANGE_FLOOR:g} at the axis floor" if any(logs) else ""
     _decorate(fig, None, r, note)
     return fig

@@ -83,7 +83,7 @@ def _within_block(r: _Parsed) -> str:
 
 
 def _settings_line(r: _Parsed, n_pairs: bool = False) -> str:
-    """A short provenance line: kernel, estimator, pooling, samples, confidence."""
+    """A short provenance line: kernel, estimator, pooling, samples, batches, confidence."""
     s = r.settings
     parts: list[str] = []
     kernel = s.get("kernel")
@@ -98,7 +98,11 @@ def _settings_line(r: _Parsed, n_pairs: bool = False) -> str:
     if s.get("pooling"):
         parts.append(f"{s['pooling']} pooling")
     if s.get("samples") is not None:
-        parts.append(f"n = {s['samples']}")
+        parts.append(f"n = {s['samples']} samples")
+    if s.get("batches") is not None:
+        parts.append(f"{s['batches']} batch{'es' if s['batches'] != 1 else ''}")
+    elif s.get("batch_size") is not None:
+        parts.append(f"batches of {s['batch_size']}")
     has_ci = (r.intervals is not None and np.isfinite(r.intervals).any()) or (
         r.own_intervals is not None and np.isfinite(r.own_intervals).any()
     )

@@ -6,7 +6,7 @@ and ``SCHEMA`` are re-exported here for existing imports.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ class _Parsed:
     types: list[str]  # sublayer type of each layer ("other" for non-canonical names)
     settings: dict[str, Any]
     summary: dict[str, Any]
+    checkpoints: dict[str, Any] = field(default_factory=dict)  # pre/ft records (path, ...)
 
     @property
     def n(self) -> int:
@@ -67,6 +68,7 @@ def _parse(results: Any, source: str = "results") -> _Parsed:
         types=[x.kind for x in r.layers],
         settings=r.settings,
         summary=r.summary,
+        checkpoints=dict(r.sections.get("checkpoints") or {}),
     )
 
 
