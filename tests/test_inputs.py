@@ -235,3 +235,13 @@ def test_plan_estimate_and_plain_progress_lines_on_stderr(tmp_path, capsys):
     assert res["settings"]["defaults_by_device"] == {"batch_size": True}
     compare_checkpoints(pre, ft, samples=40, bootstrap=50, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_probe_takes_another_image_size_and_refuses_a_non_multiple(tmp_path, capsys):
+    cfg = ViTConfig(img_size=32, patch_size=8, in_chans=13, embed_dim=32, depth=2, num_heads=2)
+    save_checkpoint(tmp_path / "m.pt", VisionTransformer(cfg), cfg)
+    assert main(["probe", str(tmp_path / "m.pt"), "--image-size", "48", "--cv-folds", "2"]) == 0
+    assert "cka-geo: warning: image size 48x48 differs from the model's 32x32" in capsys.readouterr().err
+    code = main(["probe", str(tmp_path / "m.pt"), "--image-size", "50"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("cka-geo: error: --image-size 50: 50x50 is not a multiple")
