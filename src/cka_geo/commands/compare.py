@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--norm-eps", type=float, help="LayerNorm epsilon when the files do not store it (default: known, else 1e-6 with a warning)")
     p.add_argument("--act", choices=("gelu", "gelu_tanh", "quick_gelu", "silu"), help="MLP activation when the files do not say it (default: known, else gelu with a warning)")
     p.add_argument("--wavelengths", nargs="+", metavar="WL", help="DOFA: input band wavelengths in µm or band names (B02 B03 ... or RED NIR_NARROW ...; default: stored band names, else the 13 Sentinel-2 L1C bands)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar on stderr (default: when stderr is a terminal)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress on stderr: a bar on a terminal, else plain lines (the estimated total after the first batch, then every 10 %% or 30 s); --no-progress: none, nor the plan line (default: on)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on stderr but errors")
 
 

@@ -71,7 +71,9 @@ class CompareOptions:
         own_change: Also compute each sublayer's own change.
         bootstrap: Bootstrap replicates for the intervals (0 for none).
         confidence: Level of the intervals.
-        progress: Show a progress bar on stderr (default: when stderr is a terminal).
+        progress: None (default): the plan line, then a progress bar on a terminal or
+            plain lines (estimated total after the first batch, then every 10 % or 30 s)
+            on any other stderr; True likewise; False: nothing on stderr.
     """
 
     data: str | None = None

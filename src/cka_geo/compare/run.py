@@ -61,9 +61,9 @@ class PlainProgress:
             print(f"cka-geo compare: first batch {spent:.1f} s; estimated total {_span(eta)}", file=sys.stderr, flush=True)
         elif tenth > self.last_tenth or now - self.last_t >= self.EVERY_S:
             left = spent / self.done * (self.total - self.done)
+            when = f"in {_span(spent)}" if left <= 0 else f"{_span(spent)} spent, about {_span(left)} left"
             print(
-                f"cka-geo compare: {self.done}/{self.total} images ({100 * self.done // self.total} %), "
-                f"{_span(spent)} spent, about {_span(left)} left",
+                f"cka-geo compare: {self.done}/{self.total} images ({100 * self.done // self.total} %), {when}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -73,6 +73,8 @@ class PlainProgress:
 
 
 def _span(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
