@@ -146,7 +146,8 @@ def test_cli_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
 
 def one_line_error(code: int, err: str, want_code: int, pattern: str) -> None:
     assert code == want_code
-    lines = err.strip().splitlines()
+    # the error is one line; the plan and progress lines ("cka-geo compare: ...") may precede it
+    lines = [line for line in err.strip().splitlines() if not line.startswith("cka-geo compare: ")]
     assert len(lines) == 1, err
     assert lines[0].startswith("cka-geo: error: ") or lines[0].startswith("usage")
     assert pattern in lines[0], lines[0]

@@ -63,7 +63,8 @@ def one_error(code: int, err: str, want: int, *fragments: str, command: str | No
 
     With ``command``: every ``--option`` the line mentions exists in that command's parser.
     """
-    lines = err.splitlines()
+    # the error is one line; compare's plan and progress lines may precede it
+    lines = [line for line in err.splitlines() if not line.startswith("cka-geo compare: ")]
     assert len(lines) == 1, err
     line = lines[0]
     assert line.startswith("cka-geo: error: ") and "internal error" not in line, line

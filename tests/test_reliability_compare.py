@@ -32,7 +32,8 @@ def pair(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
+    # the error is one line; the plan and progress lines may precede it
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("cka-geo compare: ")]
     assert len(err) == 1, err
     assert err[0].startswith("cka-geo: error: ") and "internal error" not in err[0]
     return err[0]

@@ -87,3 +87,27 @@ def test_unsupported_architecture_refused_in_one_line(tmp_path):
     with pytest.raises(CheckpointError, match=r"config\.json: Hugging Face architecture ViTMAEModel is not supported") as info:
         load_checkpoint(tmp_path / "mae")
     assert "\n" not in str(info.value)
+
+
+def test_dinov2_at_another_size_resamples_positions_as_transformers(tmp_path):
+    """compare --image-size 48 on a 32-px DINOv2: the rule said and recorded is transformers'
+    (bicubic, no antialias, to the new grid size) and the embeddings equal its own."""
+    import warnings
+
+    from cka_geo.checkpoints import build_model
+    from cka_geo.compare import compare_checkpoints
+    from cka_geo.compare.inputs import RESAMPLE_RULES
+
+    model, _base, _swiglu = make("dinov2")
+    model.save_pretrained(tmp_path / "hf")
+    loaded = load_checkpoint(tmp_path / "hf")
+    ours = build_model(loaded)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.embed(x), model.embeddings(x), rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        res = compare_checkpoints(tmp_path / "hf", tmp_path / "hf", image_size=48, samples=40, batch_size=8,
+                                  bootstrap=0, progress=False)
+    assert res["settings"]["pos_embed_resample"] == RESAMPLE_RULES[False]
+    assert any("pos_embed resampled from a 4x4 to a 6x6" in str(w.message) for w in seen)

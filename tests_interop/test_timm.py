@@ -105,3 +105,14 @@ def test_eva_with_rope_is_refused_in_one_line():
     with pytest.raises(CheckpointError, match="rotary position embeddings") as info:
         load_model(model)
     assert "\n" not in str(info.value)
+
+
+def test_the_timm_resample_rule_is_timms_resample_abs_pos_embed():
+    """--image-size on a timm-family checkpoint: bicubic with antialias, as timm resamples."""
+    timm = need("timm")
+    from cka_geo.models.vit_layers import resample_pos_embed
+
+    pos = torch.randn(1, 1 + 16 * 16, 24)
+    for new in [(8, 8), (24, 24), (10, 20)]:
+        want = timm.layers.resample_abs_pos_embed(pos, list(new), [16, 16], num_prefix_tokens=1)
+        torch.testing.assert_close(resample_pos_embed(pos, new, 1, (16, 16), antialias=True), want, rtol=0, atol=1e-6)

@@ -26,8 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rbf-frac", type=float, default=DEFAULT_RBF_FRAC, help="RBF sigma as a fraction of the median pairwise distance, in [0.1, 10] (default: %(default)s)")
     p.add_argument("--estimator", choices=("unbiased", "biased"), default="unbiased", help="unbiased: minibatch HSIC_1; biased: full-batch CKA (small N)")
     p.add_argument("--pooling", choices=POOLINGS, default="mean", help="token pooling (default: %(default)s)")
-    p.add_argument("--samples", type=int, help=f"probe images to use (default: {DEFAULT_SAMPLES} embedded, or all of --data)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch, the unit of the bootstrap (default: %(default)s)")
+    p.add_argument("--samples", type=int, help=f"probe images to use (default: all of --data; embedded: {DEFAULT_SAMPLES} on CPU, 2048 on CUDA)")
+    p.add_argument("--batch-size", type=int, help="images per batch, the unit of the bootstrap (default: 32 on CPU, 128 on CUDA, smaller where that leaves fewer than 10 batches)")
+    p.add_argument("--image-size", type=int, nargs="+", metavar="PX", help="N or H W: the size the models see (default: that of --data, else the checkpoint's); a multiple of the patch size; another size than the checkpoint's resamples its position embedding as its family does (timm: bicubic with antialias; Hugging Face ViT/DINOv2: bicubic without), said on stderr and recorded")
+    p.add_argument("--bands", nargs="+", metavar="BAND", help="Sentinel-2 bands to feed, by name (e.g. B04 B03 B02), from the embedded scene or from --data with 13, 12, 10, 6, 4 or 3 bands in cka-geo's band order")
+    p.add_argument("--normalize", default="auto", metavar="PRESET", help="auto (3-band models: imagenet on reflectance; others: the scene z-score on the embedded set, --data as given unless raw DNs, then DN / 10000), none, imagenet (DN / 10000 then ImageNet mean/std), s2-div10000 (alias ssl4eo: DN / 10000, as torchgeo's SSL4EO-S12), scene (z-score by the embedded scene's band statistics), or a .json {\"mean\": [...], \"std\": [...]} (default: auto)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the embedded probe crops and the bootstrap (default 0)")
     p.add_argument("--time-mode", choices=("frames", "mean"), default="frames", help="time series: each frame an example, or the mean over time")
@@ -43,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--norm-eps", type=float, help="LayerNorm epsilon when the files do not store it (default: known, else 1e-6 with a warning)")
     p.add_argument("--act", choices=("gelu", "gelu_tanh", "quick_gelu", "silu"), help="MLP activation when the files do not say it (default: known, else gelu with a warning)")
     p.add_argument("--wavelengths", nargs="+", metavar="WL", help="DOFA: input band wavelengths in µm or band names (B02 B03 ... or RED NIR_NARROW ...; default: stored band names, else the 13 Sentinel-2 L1C bands)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar on stderr (default: when stderr is a terminal)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress on stderr: a bar on a terminal, else plain lines (the estimated total after the first batch, then every 10 %% or 30 s); --no-progress: none, nor the plan line (default: on)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on stderr but errors")
 
 
@@ -80,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap,
         confidence=args.confidence,
         progress=args.progress,
+        image_size=_size(args.image_size),
+        bands=tuple(args.bands) if args.bands else None,
+        normalize=args.normalize,
     )
     if args.quiet and args.progress is None:
         opts.progress = False
@@ -112,3 +118,13 @@ def _number_or_name(text: str) -> float | str:
         return float(text)
     except ValueError:
         return text
+
+
+def _size(values: list[int] | None) -> int | tuple[int, int] | None:
+    from cka_geo.errors import UsageError
+
+    if values is None:
+        return None
+    if len(values) not in (1, 2):
+        raise UsageError(f"--image-size takes N or H W, got {len(values)} values")
+    return values[0] if len(values) == 1 else (values[0], values[1])

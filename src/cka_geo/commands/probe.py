@@ -22,8 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sublayers", nargs="+", default=["block"], metavar="KIND_OR_NAME",
                    help="sublayer kinds (attn fc1 act fc2 block) and/or canonical names (default: block)")
     p.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="token pooling (default mean)")
-    p.add_argument("--tile-size", type=T.positive_int, default=None,
-                   help="tile size in pixels (default: the model's image size; must equal it unless the model resamples positions)")
+    p.add_argument("--image-size", "--tile-size", dest="tile_size", type=T.positive_int, default=None,
+                   help="tile size in pixels, up to 128 and a multiple of the patch size (default: the model's image "
+                        "size; another size resamples the position embedding as the checkpoint's family does, said on "
+                        "stderr and recorded)")
     p.add_argument("--batch-size", type=T.positive_int, default=64, help="batch size (default 64)")
     p.add_argument("--cv-folds", type=T.positive_int, default=5, help="folds choosing the ridge strength (default 5)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N (default auto)")
@@ -80,8 +82,9 @@ def _probe(args: argparse.Namespace, device: str) -> Any:
     tile = args.tile_size or int(img)
     if tile > 128:
         raise DataError(f"{args.checkpoint}: image size {tile} exceeds the embedded tiles' 128 pixels")
-    if tile != img and not getattr(cfg, "dynamic_img_size", False):
-        raise UsageError(f"--tile-size {tile}: the model takes {img}-pixel images only")
+    from cka_geo.compare.inputs import at_size
+
+    resample = at_size(loaded, loaded, (tile, tile), f"--image-size {tile}")
     try:
         train = EmbeddedS2Tiles("train", tile_size=tile, task=args.task, bands=int(bands))
         test = EmbeddedS2Tiles("test", tile_size=tile, task=args.task, bands=int(bands))
@@ -98,6 +101,7 @@ def _probe(args: argparse.Namespace, device: str) -> Any:
         task=args.task, sublayers=args.sublayers, pooling=args.pooling, cv_folds=args.cv_folds,
         num_classes=train.num_classes or None,
     )
-    result.extra.update({"checkpoint": str(args.checkpoint), "sha256": loaded.sha256, "tile_size": tile,
+    result.extra.update({"checkpoint": str(args.checkpoint), "sha256": loaded.sha256, "tile_size": tile, "image_size": [tile, tile],
+                         "pos_embed_resample": resample,
                          "bands": int(bands), "data": "embedded Sentinel-2 tiles (train/test splits)"})
     return result

@@ -10,8 +10,9 @@ from torch import nn
 
 from cka_geo.checkpoints import LoadedCheckpoint, build_model, check_pair, load_checkpoint
 from cka_geo.compare.build import build_results, share_stored_heads
+from cka_geo.compare.inputs import at_size, device_defaults, native_hw, parse_size
 from cka_geo.compare.options import CompareOptions, resolve_device
-from cka_geo.compare.probes import _model_geometry, probe_batches
+from cka_geo.compare.probes import cut_batches, open_probes
 from cka_geo.compare.run import check_memory, run_cka
 from cka_geo.features import resolve_sublayers
 from cka_geo.results import CompareResult
@@ -49,17 +50,38 @@ def compare_checkpoints(
     if opts.num_heads is None:
         share_stored_heads(a, b)
     pair = check_pair(a, b)
+    bands = int(a.config.in_chans)
+    probes = open_probes(opts, bands)
+    hw = parse_size(opts.image_size) or probes.hw or native_hw(a)
+    what = f"{opts.data} (--data)" if opts.data and opts.image_size is None else "--image-size"
+    resample = at_size(a, b, hw, what)
+    n, batch_size = device_defaults(device, opts.samples, opts.batch_size, probes.total)
+    chosen = {"samples": opts.samples is None and probes.total is None, "batch_size": opts.batch_size is None}
+    opts = dataclasses.replace(opts, batch_size=batch_size)
+    from cka_geo.data.normalize import resolve
+
+    norm = resolve(opts.normalize, bands, probes.band_names, embedded=probes.path is None, raw=probes.raw)
     model_pre = build_model(a, device=device)
     model_ft = build_model(b, device=device)
     if opts.names:
         names = resolve_sublayers(model_pre, list(opts.names))
     else:
         names = resolve_sublayers(model_pre, kinds=tuple(opts.sublayers))
-    bands, size = _model_geometry(a)
-    batches, n, data_desc, shape = probe_batches(opts, bands, size)
+    batches, n, data_desc, shape = cut_batches(probes, opts, n, batch_size, hw, norm)
     check_memory(model_pre, names, shape, opts, n, device)
+    if opts.progress is not False:
+        _say_plan(a, names, n, batch_size, hw, device, data_desc, norm.name, chosen)
     result = run_cka(model_pre, model_ft, names, batches, opts, n)
-    return build_results(result, names, opts, a, b, pair, data_desc, device)
+    out = build_results(result, names, opts, a, b, pair, data_desc, device)
+    out.settings.update({
+        "image_size": [hw[0], hw[1]],
+        "native_image_size": list(native_hw(a)),
+        "pos_embed_resample": resample,
+        "bands": list(probes.band_names) if probes.band_names else None,
+        "normalize": norm.record(),
+        "defaults_by_device": {k: v for k, v in chosen.items() if v} or None,
+    })
+    return out
 
 
 def compare_models(
@@ -83,4 +105,24 @@ def _load_any(x: Any, opts: CompareOptions) -> LoadedCheckpoint:
     return load_checkpoint(
         x, trust=opts.trust, prefix=opts.prefix, num_heads=opts.num_heads, norm_eps=opts.norm_eps,
         act=opts.act, wavelengths=wavelengths,
+    )
+
+
+def _say_plan(
+    a: LoadedCheckpoint, names: list[str], n: int, batch: int, hw: tuple[int, int],
+    device: Any, data: str, norm: str, chosen: dict[str, bool],
+) -> None:
+    """One stderr line: what the run will do (model, samples, batches, size, device)."""
+    import math
+    import sys
+
+    cfg = a.config
+    model = f"{a.family} ViT, {getattr(cfg, 'depth', '?')} blocks, width {getattr(cfg, 'embed_dim', '?')}, {cfg.in_chans} bands"
+    by = [k.replace("_", " ") for k, v in chosen.items() if v]
+    dflt = f" ({' and '.join(by)}: {device.type.upper()} default)" if by else ""
+    print(
+        f"cka-geo compare: {model}; {n} images of {data} at {hw[0]}x{hw[1]} px in "
+        f"{math.ceil(n / batch)} batches of {batch}{dflt}; normalize {norm}; {len(names)} sublayers; device {device}",
+        file=sys.stderr,
+        flush=True,
     )

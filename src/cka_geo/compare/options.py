@@ -45,8 +45,17 @@ class CompareOptions:
             (full-batch CKA of Kornblith et al. 2019: every sample in one batch; memory
             grows with samples, so for small N).
         pooling: ``"mean"`` (patch tokens), ``"cls"``, ``"flatten"`` or ``"tokens"``.
-        samples: Probe images to use (default 512 for the embedded set, all for user data).
-        batch_size: Images per batch (also the unit of the bootstrap).
+        samples: Probe images to use (default: all of user data; embedded: 512 on CPU,
+            2048 on CUDA).
+        batch_size: Images per batch, the unit of the bootstrap (default: 32 on CPU, 128
+            on CUDA, smaller where that leaves fewer than 10 batches).
+        image_size: Pixels, N or (height, width), at which the models see the probes
+            (default: the size of ``data``, else the checkpoint's); another size than the
+            checkpoint's resamples its position embedding by the family's rule.
+        bands: Sentinel-2 band names to feed (``("B04", "B03", "B02")``), chosen from the
+            embedded scene or from ``data`` with a conventional band order.
+        normalize: ``auto``, ``none``, ``imagenet``, ``s2-div10000`` (``ssl4eo``),
+            ``scene`` or a mean/std .json file (:mod:`cka_geo.data.normalize`).
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         seed: Seed of the embedded probe crops and of the bootstrap.
         time_mode: For time-series input: ``"frames"`` (each frame an example: N·T rows)
@@ -62,7 +71,9 @@ class CompareOptions:
         own_change: Also compute each sublayer's own change.
         bootstrap: Bootstrap replicates for the intervals (0 for none).
         confidence: Level of the intervals.
-        progress: Show a progress bar on stderr (default: when stderr is a terminal).
+        progress: None (default): the plan line, then a progress bar on a terminal or
+            plain lines (estimated total after the first batch, then every 10 % or 30 s)
+            on any other stderr; True likewise; False: nothing on stderr.
     """
 
     data: str | None = None
@@ -73,7 +84,7 @@ class CompareOptions:
     estimator: Estimator = "unbiased"
     pooling: str = "mean"
     samples: int | None = None
-    batch_size: int = 32
+    batch_size: int | None = None
     device: str = "auto"
     seed: int = 0
     time_mode: str = "frames"
@@ -87,6 +98,9 @@ class CompareOptions:
     bootstrap: int = 1000
     confidence: float = 0.95
     progress: bool | None = None
+    image_size: int | tuple[int, int] | None = None
+    bands: tuple[str, ...] | None = None
+    normalize: str = "auto"
 
     def validate(self) -> None:
         """Raise UsageError naming the first bad option."""
@@ -98,7 +112,7 @@ class CompareOptions:
             raise UsageError(f"unknown pooling {self.pooling!r}; choose from {', '.join(POOLINGS)}")
         if self.samples is not None and self.samples < min_samples(self.estimator):
             raise UsageError(f"--samples must be at least {min_samples(self.estimator)}, got {self.samples}")
-        if self.batch_size < min_samples(self.estimator):
+        if self.batch_size is not None and self.batch_size < min_samples(self.estimator):
             raise UsageError(f"--batch-size must be at least {min_samples(self.estimator)}, got {self.batch_size}")
         lo, hi = RBF_FRAC_RANGE
         if self.kernel == "rbf" and not lo <= self.rbf_frac <= hi:
@@ -112,6 +126,13 @@ class CompareOptions:
             raise UsageError(f"--bootstrap must be in [0, {MAX_BOOTSTRAP}], got {self.bootstrap}")
         if not 0 <= self.seed < 2**32:
             raise UsageError(f"--seed must be in [0, 2**32 - 1], got {self.seed}")
+        from cka_geo.compare.inputs import parse_size
+        from cka_geo.data.normalize import check_preset
+
+        parse_size(self.image_size)
+        check_preset(self.normalize)
+        if self.bands is not None and not self.bands:
+            raise UsageError("--bands needs at least one band name")
 
 
 def resolve_device(device: str) -> torch.device:

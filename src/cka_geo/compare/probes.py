@@ -1,14 +1,20 @@
-"""The probe images of a comparison: the embedded Sentinel-2 crops, a folder or an array."""
+"""The probe images of a comparison: the embedded Sentinel-2 crops, a folder or an array,
+with their bands selected (``--bands``) and scaled (``--normalize``)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from cka_geo.checkpoints import LoadedCheckpoint
+from cka_geo.compare.inputs import data_band_names, pick_bands
 from cka_geo.compare.options import DEFAULT_SAMPLES, CompareOptions
+from cka_geo.data.normalize import Normalization, looks_raw
 from cka_geo.errors import DataError
 from cka_geo.functional import min_samples
 
@@ -19,56 +25,165 @@ def _model_geometry(loaded: LoadedCheckpoint) -> tuple[int, int | tuple[int, int
     return int(cfg.in_chans), size if isinstance(size, tuple) else int(size)
 
 
-def probe_batches(
-    opts: CompareOptions, bands: int, size: int | tuple[int, int]
-) -> tuple[Iterator[torch.Tensor], int, str, tuple[int, ...]]:
-    """The probe images in batches, how many there are, a description for the record, and
-    the shape of one image ((C, H, W), or (T, C, H, W) for a time series). ``size`` may be
-    (height, width): the embedded crops are then cut to that rectangle."""
-    from cka_geo.data import ImageFolder, iter_probe_batches, load_array_probes
-    from cka_geo.data.folders import iter_batches
+@dataclass
+class Probes:
+    """An opened probe source, before its batches are cut.
+
+    Attributes:
+        path: The ``--data`` path (None for the embedded set).
+        hw: (height, width) of the images (None for the embedded set: any size).
+        total: Images available (None for the embedded set: any number).
+        raw: Whether the values are raw DNs (always for the embedded set before scaling).
+        band_names: Sentinel-2 names of the bands the model receives, when known.
+        select: Indices of the ``--bands`` among the source's bands (None: all as stored).
+    """
+
+    path: Path | None
+    hw: tuple[int, int] | None
+    total: int | None
+    raw: bool
+    band_names: tuple[str, ...] | None
+    select: list[int] | None = None
+    _array: torch.Tensor | None = None
+    _folder: Any = None
+    shape: tuple[int, ...] = field(default_factory=tuple)
+
+
+def open_probes(opts: CompareOptions, bands: int) -> Probes:
+    """Open ``opts.data`` (or the embedded set) for a ``bands``-band model.
+
+    Raises:
+        DataError: Missing or unreadable data, wrong band count.
+        UsageError: Bad ``--bands``.
+    """
+    from cka_geo.data import ImageFolder, load_array_probes
+    from cka_geo.data.embedded import BAND_NAMES, BAND_SELECTIONS, select_bands
 
     if opts.data is None:
-        n = opts.samples or DEFAULT_SAMPLES
-        h, w = size if isinstance(size, tuple) else (size, size)
-        desc = f"embedded Sentinel-2 L1C crops (seed {opts.seed})" + (f", cut to {h}x{w}" if h != w else "")
-        batches = iter_probe_batches(n, bands=bands, size=max(h, w), batch_size=opts.batch_size, seed=opts.seed)
-        if h != w:
-            batches = (b[..., :h, :w] for b in batches)
-        return batches, n, desc, (bands, h, w)
-    if isinstance(size, tuple):
-        raise DataError("--data with a rectangular model is not supported yet (use the embedded probes)")
+        if opts.bands:
+            idx = pick_bands(opts.bands, BAND_NAMES, bands, "the embedded scene")
+            names = tuple(BAND_NAMES[i] for i in idx)
+        else:
+            select_bands(bands)  # refuses a band count the scene cannot serve
+            names = BAND_SELECTIONS[bands]
+        return Probes(None, None, None, True, names)
     path = Path(opts.data)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder (--data)")
+    want = None if opts.bands else bands
     if path.is_dir():
-        ds = ImageFolder(path, bands=bands)
+        ds = ImageFolder(path, bands=want)
         first = ds[0]
         first = first[0] if isinstance(first, tuple) else first
-        if tuple(first.shape[-2:]) != (size, size):
-            raise DataError(f"{path}: images are {first.shape[-2]}x{first.shape[-1]}, the model expects {size}x{size}")
-        total = len(ds)
+        probes = Probes(path, (int(first.shape[-2]), int(first.shape[-1])), len(ds), looks_raw(first), None, _folder=ds)
         shape = tuple(first.shape)
-        source: Iterator[torch.Tensor] = iter_batches(ds, opts.batch_size)
     else:
-        arr = load_array_probes(path, bands=bands, time_series=True)
-        if arr.shape[-2:] != (size, size):
-            raise DataError(f"{path}: images are {arr.shape[-2]}x{arr.shape[-1]}, the model expects {size}x{size}")
-        total = arr.shape[0]
+        arr = load_array_probes(path, bands=want, time_series=True)
+        raw = looks_raw(_peek_raw(path, arr))
+        probes = Probes(path, (int(arr.shape[-2]), int(arr.shape[-1])), int(arr.shape[0]), raw, None, _array=arr)
         shape = tuple(arr.shape[1:])
-        source = iter(arr.split(opts.batch_size))
-    n = total if opts.samples is None else opts.samples
+    have = data_band_names(int(shape[-3]))
+    if opts.bands:
+        probes.select = pick_bands(opts.bands, have, bands, str(path))
+        probes.band_names = tuple(have[i] for i in probes.select)  # type: ignore[index]
+    else:
+        probes.band_names = have
+    probes.shape = shape
+    return probes
+
+
+def _peek_raw(path: Path, arr: torch.Tensor) -> torch.Tensor | np.ndarray:
+    """The stored dtype matters (uint16 DNs become float32 on loading): look at the file."""
+    if path.suffix.lower() == ".npy":
+        stored = np.load(path, mmap_mode="r", allow_pickle=False)
+        if np.issubdtype(stored.dtype, np.integer):
+            return np.zeros(1, dtype=stored.dtype)
+    return arr
+
+
+def cut_batches(
+    probes: Probes, opts: CompareOptions, n: int, batch_size: int, hw: tuple[int, int], norm: Normalization
+) -> tuple[Iterator[torch.Tensor], int, str, tuple[int, ...]]:
+    """The probe images in batches, how many, a description for the record, and the shape
+    of one image ((C, H, W), or (T, C, H, W) for a time series)."""
+    h, w = hw
+    if probes.path is None:
+        return _embedded(probes, opts, n, batch_size, hw, norm)
+    path = probes.path
+    if probes.hw != hw:
+        ph, pw = probes.hw or hw
+        raise DataError(f"{path}: images are {ph}x{pw}, --image-size is {h}x{w} (--data is not resized)")
+    total = probes.total or 0
     if n > total:
         raise DataError(f"{path}: holds {total} images, fewer than --samples {n}")
     if n < min_samples(opts.estimator):
         raise DataError(f"{path}: holds {total} images; CKA needs at least {min_samples(opts.estimator)}")
+    if probes._array is not None:
+        source: Iterator[torch.Tensor] = iter(probes._array.split(batch_size))
+    else:
+        from cka_geo.data.folders import iter_batches
+
+        source = iter_batches(probes._folder, batch_size)
+    select = probes.select
 
     def take() -> Iterator[torch.Tensor]:
         left = n
         for batch in source:
             if left <= 0:
                 return
-            yield batch[:left]
+            batch = batch[:left]
+            if select is not None:
+                batch = batch[..., select, :, :]
+            yield norm.apply(batch) if norm.name != "none" else batch
             left -= batch.shape[0]
 
-    return take(), n, str(path), shape
+    shape = list(probes.shape)
+    if select is not None:
+        shape[-3] = len(select)
+    return take(), n, str(path), tuple(shape)
+
+
+def _embedded(
+    probes: Probes, opts: CompareOptions, n: int, batch_size: int, hw: tuple[int, int], norm: Normalization
+) -> tuple[Iterator[torch.Tensor], int, str, tuple[int, ...]]:
+    from cka_geo.data import iter_probe_batches
+
+    h, w = hw
+    names = list(probes.band_names or ())
+    side = max(h, w)
+    desc = f"embedded Sentinel-2 L1C crops (seed {opts.seed})" + (f", cut to {h}x{w}" if h != w else "")
+    if norm.name == "scene":  # the z-scored scene, as before presets (bit-identical)
+        batches: Iterator[torch.Tensor] = iter_probe_batches(n, bands=names, size=side, batch_size=batch_size, seed=opts.seed)
+    else:
+        batches = (norm.apply(b) for b in _raw_crops(n, names, side, batch_size, opts.seed))
+    if h != w:
+        batches = (b[..., :h, :w] for b in batches)
+    return batches, n, desc, (len(names), h, w)
+
+
+def _raw_crops(n: int, names: list[str], side: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """The crops of :func:`cka_geo.data.iter_probe_batches` (same positions), in DN."""
+    from cka_geo.data import embedded as emb
+
+    pos, idx, crop = emb._probe_plan(n, names, side, seed, None)
+    scene, _meta = emb._raw_scene()
+    for start in range(0, len(pos), batch_size):
+        chunk = pos[start : start + batch_size]
+        out = torch.from_numpy(np.stack([scene[idx, r : r + crop, c : c + crop] for r, c in chunk]).astype(np.float32))
+        if crop != side:  # larger than the scene: resized up as the z-scored crops are
+            out = torch.nn.functional.interpolate(out, size=(side, side), mode="bilinear", align_corners=False)
+        yield out.contiguous()
+
+
+def probe_batches(
+    opts: CompareOptions, bands: int, size: int | tuple[int, int]
+) -> tuple[Iterator[torch.Tensor], int, str, tuple[int, ...]]:
+    """The probe images at ``size`` in batches (as :func:`cut_batches`), normalised by
+    ``opts.normalize`` (default ``auto``)."""
+    from cka_geo.data.normalize import resolve
+
+    probes = open_probes(opts, bands)
+    hw = size if isinstance(size, tuple) else (size, size)
+    n = opts.samples or (probes.total if probes.total is not None else DEFAULT_SAMPLES)
+    norm = resolve(opts.normalize, bands, probes.band_names, embedded=probes.path is None, raw=probes.raw)
+    return cut_batches(probes, opts, n, opts.batch_size or 32, hw, norm)

@@ -18,16 +18,64 @@ from cka_geo.features import capture, forward_batch, sublayer_map
 
 
 def _progress(total: int, enabled: bool | None) -> Any:
+    """A tqdm bar on a terminal; plain lines (:class:`PlainProgress`) otherwise; nothing
+    with ``enabled=False``."""
+    tty = sys.stderr.isatty()
+    if enabled is False:
+        return PlainProgress(total, enabled=False)
+    if not tty:
+        return PlainProgress(total)
     from tqdm import tqdm
 
-    return tqdm(
-        total=total,
-        unit="img",
-        desc="cka-geo compare",
-        file=sys.stderr,
-        disable=not (sys.stderr.isatty() if enabled is None else enabled),
-        leave=False,
-    )
+    return tqdm(total=total, unit="img", desc="cka-geo compare", file=sys.stderr, leave=False)
+
+
+class PlainProgress:
+    """Progress as plain stderr lines, for logs (stderr not a terminal): the estimated total
+    after the first batch, then a line every 10 % of the images or every 30 s."""
+
+    EVERY_S = 30.0
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self.total, self.enabled, self.done = total, enabled, 0
+        self.start = time.perf_counter()
+        self.last_t, self.last_tenth = self.start, 0
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int) -> None:
+        """Count ``n`` more images; print a line when one is due."""
+        first = self.done == 0
+        self.done += n
+        if not self.enabled or self.total <= 0:
+            return
+        now = time.perf_counter()
+        spent = now - self.start
+        tenth = 10 * self.done // self.total
+        if first:
+            eta = spent / self.done * self.total
+            print(f"cka-geo compare: first batch {spent:.1f} s; estimated total {_span(eta)}", file=sys.stderr, flush=True)
+        elif tenth > self.last_tenth or now - self.last_t >= self.EVERY_S:
+            left = spent / self.done * (self.total - self.done)
+            when = f"in {_span(spent)}" if left <= 0 else f"{_span(spent)} spent, about {_span(left)} left"
+            print(
+                f"cka-geo compare: {self.done}/{self.total} images ({100 * self.done // self.total} %), {when}",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            return
+        self.last_t, self.last_tenth = now, tenth
+
+
+def _span(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def run_cka(
@@ -109,17 +157,18 @@ def check_memory(
     per_image = next(iter(feats.values())).shape[0]
     width = sum(f.shape[1] for f in feats.values()) * (3 if opts.own_change else 2)
     full = opts.estimator == "biased"
-    rows = per_image * (total if full else min(opts.batch_size, total))
+    batch = opts.batch_size or total
+    rows = per_image * (total if full else min(batch, total))
     work = CKAWorkload(
         rows=rows,
         width=width,
         layers_a=len(names),
         layers_b=len(names) * (2 if opts.own_change else 1),
-        batches=1 if full else batches_for(total, opts.batch_size),
+        batches=1 if full else batches_for(total, batch),
         bootstrap=opts.bootstrap,
         held_rows=rows if full else 0,
     )
-    what = f"--samples {total} with --batch-size {opts.batch_size} and --bootstrap {opts.bootstrap}"
+    what = f"--samples {total} with --batch-size {batch} and --bootstrap {opts.bootstrap}"
     if full:
         what = f"--estimator biased (one batch of every sample) with --samples {total}"
     if per_image > 1:
