@@ -174,7 +174,7 @@ def _run(args: argparse.Namespace, out: Path, final: Any, t0: float, c0: float) 
         if compare_checkpoints is None:
             break
         t = time.perf_counter()
-        r = compare_checkpoints(res.pre_path, res.ft_path, device="cpu", samples=samples, batch_size=64,
+        r = compare_checkpoints(res.pre_path, res.ft_path, device="cpu", samples=samples, batch_size=32,
                                 seed=args.seed, bootstrap=200, progress=args.progress)
         for record in r["checkpoints"].values():  # where the files will be, not the temporary folder
             record["path"] = str(final(record["path"]))
