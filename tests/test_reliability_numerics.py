@@ -104,7 +104,7 @@ def test_identical_inputs_give_exactly_one_or_nan(exp, kernel, estimator, frac, 
     for value in (got, alone, full):
         assert value == 1.0 or np.isnan(value), value
     if kernel == "linear" or frac >= 0.1:
-        assert got == alone == 1.0
+        assert got == alone == full == 1.0
 
 
 def test_upstream_layers_bit_identical_between_models_are_exactly_one():

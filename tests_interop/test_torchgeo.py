@@ -34,12 +34,7 @@ def test_a_checkpoint_written_by_a_real_lightning_trainer(tmp_path):
     pl = need("lightning.pytorch")
     torch.manual_seed(0)
     task = trainers.ClassificationTask(model="vit_tiny_patch16_224", weights=None, in_channels=13, num_classes=4)
-    data = [{"image": torch.randn(13, 224, 224), "label": torch.tensor(i % 4)} for i in range(4)]
-    loader = torch.utils.data.DataLoader(data, batch_size=2)
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(task, train_dataloaders=loader)
-    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    _one_step_and_save(pl, task, bands=13, classes=4, path=tmp_path / "last.ckpt")
     loaded = load_checkpoint(tmp_path / "last.ckpt", num_heads=3)
     assert loaded.prefix == "state_dict.model." and loaded.config.in_chans == 13
     vit = task.model.eval()
@@ -61,13 +56,18 @@ def test_a_terratorch_checkpoint_written_by_a_real_lightning_trainer(tmp_path):
         model_args={"backbone": "prithvi_eo_tiny", "backbone_pretrained": False, "backbone_bands": bands,
                     "decoder": "IdentityDecoder", "num_classes": 3},
     )
-    data = [{"image": torch.randn(6, 224, 224), "label": torch.tensor(i % 3)} for i in range(4)]
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(task, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=2))
-    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    _one_step_and_save(pl, task, bands=6, classes=3, path=tmp_path / "last.ckpt")
     loaded = load_checkpoint(tmp_path / "last.ckpt")
     assert loaded.prefix == "state_dict.model.encoder." and loaded.config.in_chans == 6
     enc = task.model.encoder.eval()
     x = torch.randn(2, 6, 224, 224)
     assert_same(loaded, enc, canonical_spec(loaded.config.depth), x, lambda: enc(x))
+
+
+def _one_step_and_save(pl, task, *, bands: int, classes: int, path) -> None:
+    """One optimizer step of ``task`` under lightning's Trainer, then its own save_checkpoint."""
+    data = [{"image": torch.randn(bands, 224, 224), "label": torch.tensor(i % classes)} for i in range(4)]
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=path.parent)
+    trainer.fit(task, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=2))
+    trainer.save_checkpoint(path)

@@ -397,9 +397,7 @@ def batch_terms(
             _raise_nonfinite(ga, self_a, "A", batch)
         _raise_nonfinite(gb, self_b, "B", batch)
     if any_same:
-        for i, j in same.nonzero().tolist():
-            if (self_compare and i == j) or torch.equal(ga.grams[i], gb.grams[j]):
-                cross[i, j] = self_a[i]  # ⟨K, K⟩ by the same arithmetic as the self term
+        _identical_to_self(cross, self_a, ga.grams, gb.grams, same, self_compare)
     cross = cross.masked_fill(deg_a[:, None] | deg_b[None, :], 0.0)
     self_a = self_a.masked_fill(deg_a, 0.0)
     self_b = self_a if self_compare else self_b.masked_fill(deg_b, 0.0)
@@ -410,6 +408,32 @@ def batch_terms(
         self_a = self_a * (inv_a * inv_a)
         self_b = self_a if self_compare else self_b * (inv_b * inv_b)
     return BatchTerms(cross, self_a, self_b, ga.n, deg_a, deg_b, ga.sigma, gb.sigma)
+
+
+def _identical_to_self(
+    cross: torch.Tensor,
+    self_a: torch.Tensor,
+    ka: torch.Tensor,
+    kb: torch.Tensor,
+    same: torch.Tensor,
+    self_compare: bool,
+) -> None:
+    """Set ``cross[i, j] = self_a[i]`` (⟨K, K⟩ by the self term's arithmetic) where gram i of
+    A is bit-identical to gram j of B, for the candidate pairs in ``same``.
+
+    The grams of the candidates are compared in chunks of at most :data:`STACK_BYTES`, with
+    no host sync beyond finding the candidates (A against itself needs no comparison on the
+    diagonal).
+    """
+    i, j = same.nonzero(as_tuple=True)
+    n2 = ka.shape[-1] * ka.shape[-2] * ka.element_size()
+    step = max(1, STACK_BYTES // n2)
+    for start in range(0, i.numel(), step):
+        ii, jj = i[start : start + step], j[start : start + step]
+        equal = (ka[ii] == kb[jj]).flatten(1).all(1)
+        if self_compare:
+            equal |= ii == jj
+        cross[ii, jj] = torch.where(equal, self_a[ii], cross[ii, jj])
 
 
 def _raise_nonfinite(g: BatchGrams, self_terms: torch.Tensor, which: str, batch: int | None) -> None:
