@@ -115,7 +115,7 @@ def test_fewer_than_ten_batches_behind_an_interval_warn(tmp_path, pair, capsys):
     pre, ft = pair
     common = [str(pre), str(ft), "--no-figures", "--format", "json", "--no-own-change"]
     assert main(["compare", *common, "--samples", "32", "--batch-size", "8", "--out", str(tmp_path / "a")]) == 0
-    assert "only 4 batches feed the bootstrap intervals" in capsys.readouterr().err
+    assert "only 4 batches feed the intervals" in capsys.readouterr().err
     assert main(["compare", *common, "--samples", "40", "--batch-size", "4", "--out", str(tmp_path / "b")]) == 0
     assert "batches feed" not in capsys.readouterr().err
 
@@ -175,3 +175,28 @@ def test_the_assumptions_can_be_overridden_from_the_command_line(tmp_path, capsy
     cfg = res["model"]["config"]
     assert (cfg["num_heads"], cfg["norm_eps"], cfg["act"]) == (2, 1e-5, "gelu_tanh")
     assert res["checkpoints"]["pre"]["assumed"] == []
+
+
+def test_interval_method_is_chosen_and_recorded(tmp_path, pair):
+    pre, ft = pair
+    common = [str(pre), str(ft), "--no-figures", "--format", "json", "--no-own-change", "--samples", "40", "--batch-size", "4"]
+    got = {}
+    for method in ("jackknife-t", "percentile", "none"):
+        out = tmp_path / method
+        assert main(["compare", *common, "--interval", method, "--out", str(out)]) == 0
+        got[method] = json.loads((out / "results.json").read_text())
+    jk, pc, no = got["jackknife-t"], got["percentile"], got["none"]
+    assert jk["settings"]["interval_method"].startswith("jackknife-t over batches")
+    assert jk["settings"]["bootstrap"] == 0
+    assert pc["settings"]["interval_method"] == "percentile bootstrap over batches"
+    assert pc["settings"]["bootstrap"] == 1000
+    assert no["settings"]["interval_method"] is None
+    assert all(v is None for v in no["intervals"].values())
+    # same values, different intervals; each interval holds its estimate
+    assert jk["diagonal"] == pc["diagonal"] == no["diagonal"]
+    for name, value in jk["diagonal"].items():
+        for res in (jk, pc):
+            lo, hi = res["intervals"][name]
+            assert lo <= value <= hi
+    assert jk["intervals"] != pc["intervals"]
+    assert main(["compare", *common, "--interval", "bca", "--out", str(tmp_path / "x")]) == 2

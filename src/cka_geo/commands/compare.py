@@ -34,7 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the embedded probe crops and the bootstrap (default 0)")
     p.add_argument("--time-mode", choices=("frames", "mean"), default="frames", help="time series: each frame an example, or the mean over time")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the intervals (0: none)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="replicates of the percentile bootstrap (0: no intervals at all)")
+    p.add_argument("--interval", choices=("jackknife-t", "percentile", "none"), default="jackknife-t",
+                   help="interval over batches: jackknife-t (default; nominal coverage from 6 batches on, "
+                   "benchmarks/bench_intervals.py), percentile (bootstrap; 84-92%% at 6-16 batches for a nominal 95%%) or none")
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--no-own-change", action="store_true", help="skip each sublayer's own change")
     p.add_argument("--out", default="cka-geo-results", help="output folder (default: %(default)s), replaced as a whole by each run; an existing folder must be empty or hold an earlier compare run, else it is refused (choose another --out)")
@@ -81,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         wavelengths=tuple(_number_or_name(w) for w in args.wavelengths) if args.wavelengths else None,
         own_change=not args.no_own_change,
         bootstrap=args.bootstrap,
+        interval=args.interval,
         confidence=args.confidence,
         progress=args.progress,
         image_size=_size(args.image_size),

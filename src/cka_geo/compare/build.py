@@ -14,7 +14,7 @@ import torch
 
 from cka_geo import __version__
 from cka_geo.accumulator import CKAResult
-from cka_geo.bootstrap import bootstrap_ratio
+from cka_geo.bootstrap import bootstrap_ratio, jackknife_ratio
 from cka_geo.checkpoints import LoadedCheckpoint
 from cka_geo.compare.options import MIN_INTERVAL_BATCHES, UNCHANGED_TOL, CompareOptions
 from cka_geo.compare.verdict import summarize
@@ -34,6 +34,12 @@ DEGENERATE_RULE = (
     f"(float32 grams; {NOISE_TOL_FLOAT64:g} for float64); a layer with no other batch has CKA NaN"
 )
 
+
+#: How each --interval is recorded in results.json (settings.interval_method).
+INTERVAL_METHODS = {
+    "jackknife-t": "jackknife-t over batches (delete-one-batch standard error, Student t on batches - 1 dof)",
+    "percentile": "percentile bootstrap over batches",
+}
 
 def _degenerate_record(result: CKAResult, names: list[str], own: bool) -> dict[str, dict[str, int]]:
     """Batches in which each sublayer counted as 0 (only the nonzero counts)."""
@@ -115,26 +121,31 @@ def build_results(
     matrix = result.matrix[:, :L]
     diag = {n: _num(matrix[i, i]) for i, n in enumerate(names)}
     own = own_iv = None
-    boot = opts.bootstrap > 0 and result.batch_cross is not None and len(result.batch_sizes) >= 2
+    method = getattr(opts, "interval", "jackknife-t")
+    boot = (
+        method != "none" and opts.bootstrap > 0 and result.batch_cross is not None and len(result.batch_sizes) >= 2
+    )
 
     def intervals(cols: list[int]) -> dict[str, list[float | None] | None]:
         if not boot:
             return {n: None for n in names}
         idx = np.arange(L)
-        lo, hi = bootstrap_ratio(
+        terms = (
             result.batch_cross[:, idx, cols],  # type: ignore[index]
             result.batch_self_a[:, idx],  # type: ignore[index]
             result.batch_self_b[:, cols],  # type: ignore[index]
-            resamples=opts.bootstrap,
-            confidence=opts.confidence,
-            seed=opts.seed,
         )
+        if method == "percentile":
+            lo, hi = bootstrap_ratio(*terms, resamples=opts.bootstrap, confidence=opts.confidence, seed=opts.seed)
+        else:
+            lo, hi = jackknife_ratio(*terms, confidence=opts.confidence)
         return {n: [_num(lo[i]), _num(hi[i])] for i, n in enumerate(names)}
 
     if boot and len(result.batch_sizes) < MIN_INTERVAL_BATCHES:
         warnings.warn(
-            f"only {len(result.batch_sizes)} batches feed the bootstrap intervals (fewer than "
-            f"{MIN_INTERVAL_BATCHES}): they are coarse and too narrow; use more --samples or a smaller --batch-size",
+            f"only {len(result.batch_sizes)} batches feed the intervals (fewer than "
+            f"{MIN_INTERVAL_BATCHES}): their widths are rough (the percentile bootstrap's too narrow); "
+            "use more --samples or a smaller --batch-size",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -163,9 +174,9 @@ def build_results(
         "time_mode": opts.time_mode if result.extra.get("time_series") else None,
         "device": str(device),
         "sublayers": list(opts.sublayers) if not opts.names else None,
-        "bootstrap": opts.bootstrap if boot else 0,
+        "bootstrap": opts.bootstrap if boot and method == "percentile" else 0,
         "confidence": opts.confidence,
-        "interval_method": "percentile bootstrap over batches" if boot else None,
+        "interval_method": INTERVAL_METHODS[method] if boot else None,
         "noise_level": UNCHANGED_TOL,
         "degenerate_rule": DEGENERATE_RULE,
     }

@@ -26,6 +26,9 @@ RBF_FRAC_RANGE = (0.1, 10.0)
 MAX_BOOTSTRAP = 100_000
 #: Fewest batches for which a bootstrap interval over batches is worth its name.
 MIN_INTERVAL_BATCHES = 10
+#: Interval methods over batches (cka_geo.bootstrap): jackknife-t (default; nominal coverage
+#: from 6 batches on in benchmarks/bench_intervals.py), the percentile bootstrap, or none.
+INTERVALS = ("jackknife-t", "percentile", "none")
 _OWN = "{}#own"
 
 
@@ -69,8 +72,11 @@ class CompareOptions:
         wavelengths: DOFA only: the input bands' wavelengths in µm or band names (default:
             band names stored in the file, else the 13 Sentinel-2 L1C bands).
         own_change: Also compute each sublayer's own change.
-        bootstrap: Bootstrap replicates for the intervals (0 for none).
+        bootstrap: Replicates of the percentile bootstrap (0: no intervals at all).
         confidence: Level of the intervals.
+        interval: ``"jackknife-t"`` (default: delete-one-batch jackknife standard error with
+            a Student t quantile on batches - 1 dof), ``"percentile"`` (the percentile
+            bootstrap) or ``"none"``; see :mod:`cka_geo.bootstrap` for their coverage.
         progress: None (default): the plan line, then a progress bar on a terminal or
             plain lines (estimated total after the first batch, then every 10 % or 30 s)
             on any other stderr; True likewise; False: nothing on stderr.
@@ -97,6 +103,7 @@ class CompareOptions:
     own_change: bool = True
     bootstrap: int = 1000
     confidence: float = 0.95
+    interval: str = "jackknife-t"
     progress: bool | None = None
     image_size: int | tuple[int, int] | None = None
     bands: tuple[str, ...] | None = None
@@ -122,6 +129,8 @@ class CompareOptions:
             )
         if not 0 < self.confidence < 1:
             raise UsageError(f"--confidence must be in (0, 1), got {self.confidence}")
+        if self.interval not in INTERVALS:
+            raise UsageError(f"unknown --interval {self.interval!r}; choose from {', '.join(INTERVALS)}")
         if not 0 <= self.bootstrap <= MAX_BOOTSTRAP:
             raise UsageError(f"--bootstrap must be in [0, {MAX_BOOTSTRAP}], got {self.bootstrap}")
         if not 0 <= self.seed < 2**32:

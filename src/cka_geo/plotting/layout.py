@@ -109,7 +109,9 @@ def _settings_line(r: _Parsed, n_pairs: bool = False) -> str:
     if has_ci:
         conf = s.get("confidence")
         level = f"{100 * conf:g} % " if isinstance(conf, (int, float)) else ""
-        parts.append(f"bands: {level}bootstrap CI")
+        method = str(s.get("interval_method") or "")
+        kind = "jackknife-t" if method.startswith("jackknife") else "bootstrap"
+        parts.append(f"bands: {level}{kind} CI")
     return " · ".join(parts)
 
 
