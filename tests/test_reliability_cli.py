@@ -624,3 +624,40 @@ def test_the_out_of_memory_hint_names_batch_size_only_where_it_exists(monkeypatc
     one_error(code, err, 1, "out of GPU memory", command="demo")
     code, _, err = run(["pretrain", "--out", "x"], capsys)
     one_error(code, err, 1, "--batch-size", command="pretrain")
+
+
+def test_save_checkpoint_on_a_full_disk_is_an_oserror_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """torch.save writes through a Python file: the disk's errno, not the zip writer's text."""
+    import builtins
+
+    from cka_geo.checkpoints import save as save_mod
+    from cka_geo.errors import OutputError
+    from cka_geo.vit import VisionTransformer, ViTConfig
+
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, fh):
+            self.fh, self.written = fh, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 4096:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.fh.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    monkeypatch.setattr(save_mod, "open", lambda *a, **k: Full(real_open(*a, **k)), raising=False)
+    cfg = ViTConfig(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=2, num_heads=2)
+    dest = tmp_path / "x.pt"
+    with pytest.raises(OutputError, match=rf"cannot write {dest}: No space left on device$"):
+        save_mod.save_checkpoint(dest, VisionTransformer(cfg), cfg)
+    assert list(tmp_path.iterdir()) == []

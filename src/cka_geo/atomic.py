@@ -112,10 +112,26 @@ def clean_stale_tree(folder: str | os.PathLike[str]) -> list[Path]:
     return found
 
 
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: itself, or one in its cause/context chain.
+
+    torch.save through a Python file object turns the file's OSError (e.g. ENOSPC) into its
+    zip writer's RuntimeError, with the OSError kept as ``__context__``.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def _is_write_failure(exc: BaseException) -> bool:
     if isinstance(exc, OutputError):
         return False  # already says which file
-    if isinstance(exc, OSError):
+    if _os_error_in(exc) is not None:
         return True
     # torch.save to a path reports a failed write (e.g. a full disk) as its zip writer's RuntimeError
     text = str(exc)
@@ -124,8 +140,10 @@ def _is_write_failure(exc: BaseException) -> bool:
 
 def output_error(exc: BaseException, path: str | os.PathLike[str]) -> OutputError:
     """An :class:`OutputError` ``cannot write PATH: <reason>`` for a failed write."""
-    if isinstance(exc, OSError) and exc.strerror:
-        reason = exc.strerror
+    os_exc = _os_error_in(exc)
+    if os_exc is not None and os_exc.strerror:
+        reason = os_exc.strerror
+        exc = os_exc
     else:
         text = str(exc).strip()
         reason = text.splitlines()[0] if text else type(exc).__name__

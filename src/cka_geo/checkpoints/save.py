@@ -103,6 +103,8 @@ def save_checkpoint(
             save_file(sd, str(tmp), metadata={MARKER: meta})
     else:
         obj = {"state_dict": sd, "config": config.to_dict(), MARKER: marker, **extra}
-        with atomic_path(dest) as tmp:
-            torch.save(obj, tmp)
+        # through a Python file object, so a failed write (a full disk) is an OSError naming
+        # its errno rather than the zip writer's RuntimeError
+        with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
+            torch.save(obj, fh)
     return dest
