@@ -150,6 +150,7 @@ def finetune(
     trust: bool = False,
     run_info: dict[str, Any] | None = None,
     source: str | None = None,
+    ft_extra: dict[str, Any] | None = None,
 ) -> FinetuneResult:
     """Fine-tune an encoder for a task; writes ``pre.pt``, ``ft.pt`` and ``eval.json``.
 
@@ -177,6 +178,7 @@ def finetune(
         trust: Allow pickle for reading ``pre`` (see :func:`~cka_geo.checkpoints.load_checkpoint`).
         run_info: More settings to store and to compare on resume (e.g. the data's stride).
         source: What ``pre.pt`` records as its origin (default: ``pre`` when it is a path).
+        ft_extra: More entries for ``ft.pt`` (e.g. the data and input pipeline, for evaluate).
     """
     from cka_geo.checkpoints import save_checkpoint
 
@@ -215,6 +217,7 @@ def finetune(
         "train_samples": len(indices),
         "epochs": res.epochs_done,
         "metrics": result.metrics,
+        **(ft_extra or {}),
     })
     write_text_atomic(out / "eval.json", json.dumps(
         {"task": model.config(), "label_fraction": label_fraction, "train_samples": len(indices),
@@ -245,6 +248,7 @@ def load_task_model(path: str | Path, trust: bool = False) -> TaskModel:
     c = head["config"]
     model = TaskModel(cast(VisionTransformer, build_model(loaded)), c["task"], c["num_outputs"], decoder=c["decoder"] or "linear",
                       taps=c["taps"], decoder_channels=c["decoder_channels"], ignore_index=c["ignore_index"])
+    model.run_extra = dict(loaded.extra)  # the data and inputs of the run, for evaluate --data
     sd = {k.removeprefix("head."): v for k, v in head["state_dict"].items()}
     try:
         model.head.load_state_dict(sd, strict=True)
