@@ -276,3 +276,67 @@ def test_seeded_split_is_a_partition():
 def test_layout_detection(tmp_path):
     assert detect_layout(class_folders(tmp_path / "c")) == "class-folders"
     assert detect_layout(image_mask(tmp_path / "m")) == "image-mask"
+
+
+def _ap_reference(scores: np.ndarray, hits: np.ndarray) -> float:
+    """Average precision by its definition: the mean, over the positives, of the precision of
+    the top-k list that ends at each positive (scores distinct)."""
+    order = np.argsort(-scores, kind="stable")
+    ranks = np.flatnonzero(hits[order]) + 1
+    return float(np.mean([hits[order][:r].sum() / r for r in ranks]))
+
+
+def test_multilabel_meter_matches_definitions():
+    from cka_geo.train.metrics import MultiLabelMeter
+
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(40, 4))
+    target = (rng.random((40, 4)) < 0.3).astype(np.float64)
+    target[:, 3] = 0  # a class without positives: left out of mAP
+    meter = MultiLabelMeter()
+    for a in range(0, 40, 16):  # batches
+        meter.update(torch.from_numpy(logits[a : a + 16]), torch.from_numpy(target[a : a + 16]))
+    got = meter.compute()
+    pred, t = logits > 0, target > 0.5
+    tp, fp, fn = (pred & t).sum(0), (pred & ~t).sum(0), (~pred & t).sum(0)
+    assert got["f1_micro"] == pytest.approx(2 * tp.sum() / (2 * tp.sum() + fp.sum() + fn.sum()), rel=1e-12)
+    present = (2 * tp + fp + fn) > 0
+    assert got["f1_macro"] == pytest.approx(np.mean((2 * tp / np.maximum(2 * tp + fp + fn, 1))[present]), rel=1e-12)
+    assert got["map"] == pytest.approx(np.mean([_ap_reference(logits[:, c], t[:, c]) for c in range(3)]), rel=1e-12)
+
+
+def test_dofa_gets_the_data_bands_by_wavelength(tmp_path):
+    """DOFA's patch embedding is generated from wavelengths: a 3-band DOFA on 13-band data is
+    rebuilt for the 13 bands (the generator's weights do not change)."""
+    from cka_geo.models.dofa import DofaConfig, DofaVisionTransformer
+
+    torch.manual_seed(0)
+    cfg = DofaConfig(img_size=16, patch_size=4, in_chans=3, wavelengths=[0.665, 0.56, 0.49], embed_dim=32, depth=2,
+                     num_heads=2, dynamic_embed_dim=16, generator_hidden=32, weight_tokens=8)
+    model = DofaVisionTransformer(cfg)
+    path = save_checkpoint(tmp_path / "dofa.pt", model, cfg)
+    ud = open_user_data(class_folders(tmp_path / "d"))
+    start = prepare_start(path, ud)
+    assert start.encoder.cfg.in_chans == 13 and start.record["adapt"]["rule"] == "dofa wavelengths"
+    assert start.encoder.cfg.wavelengths[3] == pytest.approx(0.665, abs=0.01)  # B4, red
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(start.encoder.state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
+    (["finetune", "p.pt", "--out", "o", "--bands", "B4"], "--bands applies to --data only"),
+    (["finetune", "p.pt", "--out", "o", "--normalize", "imagenet"], "--normalize applies to --data only"),
+    (["finetune", "p.pt", "--out", "o", "--task", "multilabel"], "--task multilabel needs --data"),
+    (["finetune", "p.pt", "--out", "o", "--data", "d", "--stride", "8"], "--stride applies to the embedded tiles"),
+    (["finetune", "p.pt", "--out", "o", "--precision", "fp8"], "--precision"),
+    (["finetune", "p.pt", "--out", "o", "--layer-decay", "0"], "--layer-decay"),
+    (["finetune", "p.pt", "--out", "o", "--drop-path", "1"], "--drop-path"),
+    (["finetune", "p.pt", "--out", "o", "--band-rule", "copy"], "--band-rule"),
+    (["probe", "p.pt", "--bands", "B4"], "--bands applies to --data only"),
+])
+def test_cli_usage_errors_of_the_new_options(argv, fragment, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.pt").write_bytes(b"")
+    assert _run(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err, err

@@ -156,7 +156,8 @@ def test_recipe_options_are_checked():
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--layer-decay", "0.5"), ("--precision", "bf16-mixed"),
-                                             ("--accum-steps", "2"), ("--drop-path", "0.1")])
+                                             ("--accum-steps", "2"), ("--drop-path", "0.1"),
+                                             ("--band-rule", "mean"), ("--normalize", "s2-div10000")])
 def test_resume_refuses_a_changed_recipe_option(flag, value, tmp_path, capsys):
     from cka_geo.cli import main
     from test_train_data import class_folders, small_checkpoint

@@ -196,9 +196,10 @@ def finetune(
         strata = label_strata(dataset_targets(train_data), task, ignore_index=ignore_index)
         indices = stratified_indices(strata, label_fraction, fraction_seed).tolist()
     data = train_data if len(indices) == len(train_data) else Subset(train_data, indices)
-    run_config = {"kind": "finetune", "task": model.config(), "encoder": encoder.cfg.to_dict(),
+    # run_info (data, inputs) first: a resume with other --bands is refused naming --bands, not the encoder
+    run_config = {"kind": "finetune", **(run_info or {}), "task": model.config(), "encoder": encoder.cfg.to_dict(),
                   "pre_sha256": pre_sha256, "label_fraction": label_fraction, "fraction_seed": fraction_seed,
-                  "train_samples": len(indices), **(run_info or {})}
+                  "train_samples": len(indices)}
     if resume is not None:  # refuse a mismatch before pre.pt is written
         check_resume(load_train_checkpoint(resume), stored_config(cfg, run_config), resume)
     pre_path = save_checkpoint(out / "pre.pt", encoder, encoder.cfg, extra={"kind": "pre", "source": source})

@@ -152,7 +152,7 @@ def plan_inputs(
                 _, how = adapt_patch_weight(w, m_names, names, fed, band_rule)
             except DataError as exc:
                 raise DataError(f"{data.root}: {exc}") from None
-            adapt = {"rule": how, "band_rule": band_rule, "count": fed,
+            adapt = {"band_rule": band_rule, "rule": how, "count": fed,
                      "model_bands": list(m_names) if m_names else None, "data_bands": list(names) if names else None}
     if stored is not None:
         norm = Normalization(stored["name"], stored["scale"], _tuple(stored["mean"]), _tuple(stored["std"]),
