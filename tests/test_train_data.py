@@ -340,3 +340,14 @@ def test_cli_usage_errors_of_the_new_options(argv, fragment, tmp_path, monkeypat
     assert _run(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_evaluate_data_refuses_a_run_of_the_embedded_tiles(tmp_path, capsys):
+    from _train_helpers import cls_tiles, tiny_vit
+    from cka_geo.train import TrainConfig
+    from cka_geo.train.runs import finetune
+
+    res = finetune(tiny_vit(chans=13), cls_tiles(6, 0, chans=13), tmp_path / "run", TrainConfig(epochs=1, progress=False),
+                   task="classification", num_outputs=3)
+    assert _run(["evaluate", str(res.ft_path), "--data", str(class_folders(tmp_path / "d"))]) == 2
+    assert "fine-tuned on the embedded tiles, not on a --data folder" in capsys.readouterr().err

@@ -35,7 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow pickled code in the checkpoint file (only for files you trust)")
     p.add_argument("--trust", dest="trust_checkpoint", action="store_true", help=argparse.SUPPRESS)  # deprecated spelling
-    p.add_argument("--prefix", help="encoder prefix in the file when the automatic choice is wrong")
+    p.add_argument("--prefix", help="--data: encoder prefix in the file when the automatic choice is wrong")
+    p.add_argument("--num-heads", type=T.positive_int, default=None,
+                   help="--data: attention heads when the file does not store them (as for compare)")
     T.add_data_arguments(p, adapt=True)
     T.add_train_arguments(p, epochs=10, lr=1e-3)
 
@@ -49,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
     T.refuse_input_options(args)
     if args.data is None and args.task == "multilabel":
         raise UsageError("--task multilabel needs --data (the embedded tiles have no multi-label targets)")
-    if args.data is None and args.prefix is not None:
-        raise UsageError("--prefix applies to --data runs (embedded runs read cka-geo and timm files)")
+    if args.data is None and (args.prefix is not None or args.num_heads is not None):
+        raise UsageError(f"{'--prefix' if args.prefix else '--num-heads'} applies to --data runs")
     if args.adapt == "last-k" and args.last_k is None:
         raise UsageError("--adapt last-k needs --last-k N")
     if args.adapt != "last-k" and args.last_k is not None:
@@ -83,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             task, outputs, ignore = data.task, data.num_outputs, data.ignore_index
             _check_decoder(args, task)
             start = prepare_start(args.checkpoint, data, trust=args.trust_checkpoint, prefix=args.prefix,
+                                  num_heads=args.num_heads,
                                   bands=args.bands, normalize=args.normalize, image_size=args.image_size,
                                   band_rule=args.band_rule, model_bands=args.model_bands)
             encoder, train, val, test = start.encoder, start.splits["train"], start.splits["val"], start.splits["test"]

@@ -11,7 +11,7 @@ Layouts (``layout="auto"`` recognises them in this order):
   segmentation, 2 classes, -1 ignored; the official ``flood_{train,valid,test}_data.csv``.
 * ``image-mask``: ``images/`` and ``masks/`` (same stems; :class:`~cka_geo.data.ImageFolder`);
   segmentation, classes 0..max found in the training masks, -1 ignored.
-* ``csv``: image files beside one ``.csv`` (or ``labels=``): a ``filename`` column (or ``file``,
+* ``csv``: image files beside a ``.csv`` (or ``labels=``): a ``filename`` column (or ``file``,
   ``path``, ``image``, ``name``) and the targets: for ``regression`` the numeric column(s)
   ``target`` names (comma-separated); for ``multilabel`` (BigEarthNet style) a column
   (``target``, default ``labels``) of class names separated by ``;`` or ``|``.
@@ -149,7 +149,7 @@ def detect_layout(root: Path) -> str:
     base = root / "train" if (root / "train").is_dir() else root
     if (base / "images").is_dir() and (base / "masks").is_dir():
         return "image-mask"
-    if any(p.suffix.lower() == ".csv" for p in root.iterdir()):
+    if any(p.suffix.lower() == ".csv" for p in root.iterdir()) and _images_in(root):
         return "csv"
     if any(_images_in(d) for d in _subdirs(base)):
         return "class-folders"

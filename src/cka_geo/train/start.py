@@ -212,14 +212,14 @@ def build_encoder(loaded: Any, record: dict[str, Any]) -> Any:
 
 
 def prepare_start(
-    checkpoint: str | Path, data: Any, *, trust: bool = False, prefix: str | None = None,
+    checkpoint: str | Path, data: Any, *, trust: bool = False, prefix: str | None = None, num_heads: int | None = None,
     bands: Sequence[str] | None = None, normalize: str = "auto", image_size: Any = None,
     band_rule: str = "auto", model_bands: Sequence[str] | None = None,
 ) -> Start:
     """Load ``checkpoint`` (any format compare reads), plan the inputs, build the adapted encoder."""
     from cka_geo.checkpoints import load_checkpoint
 
-    loaded = load_checkpoint(checkpoint, trust=trust, prefix=prefix)
+    loaded = load_checkpoint(checkpoint, trust=trust, prefix=prefix, num_heads=num_heads)
     if loaded.family not in ("timm", "dofa"):
         raise CheckpointError(f"{checkpoint}: fine-tuning needs a ViT (timm layout or DOFA), found {loaded.family}")
     select, norm, record = plan_inputs(loaded, data, bands=bands, normalize=normalize, image_size=image_size,
