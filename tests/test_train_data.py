@@ -273,9 +273,20 @@ def test_seeded_split_is_a_partition():
     assert s != seeded_split(23, 6, 0.1, 0.2)
 
 
-def test_layout_detection(tmp_path):
+def test_layout_detection_and_split_folders(tmp_path):
     assert detect_layout(class_folders(tmp_path / "c")) == "class-folders"
     assert detect_layout(image_mask(tmp_path / "m")) == "image-mask"
+    (tmp_path / "c" / "notes.csv").write_text("a,b\n")  # a side file does not make it a csv layout
+    assert detect_layout(tmp_path / "c") == "class-folders"
+    for split, n in (("train", 4), ("val", 1), ("test", 2)):
+        class_folders(tmp_path / "s" / split, per_class=n)
+        image_mask(tmp_path / "sm" / split, n=n + 1)
+    ud = open_user_data(tmp_path / "s")
+    assert ud.split_rule.startswith("split folders") and ud.classes == list(CLASSES)
+    assert {s: len(d) for s, d in ud.splits.items()} == {"train": 12, "val": 3, "test": 6}
+    assert int(ud.splits["test"][5][1]) == 2  # Sea, the third class folder
+    um = open_user_data(tmp_path / "sm")
+    assert um.layout == "image-mask" and {s: len(d) for s, d in um.splits.items()} == {"train": 5, "val": 2, "test": 3}
 
 
 def _ap_reference(scores: np.ndarray, hits: np.ndarray) -> float:

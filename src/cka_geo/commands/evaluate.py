@@ -52,9 +52,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _user_split(args: argparse.Namespace, path: Path, model: object) -> object:
     """The ``--split`` of ``--data`` as the run prepared it (options stored in ft.pt)."""
-    from cka_geo.data.normalize import Normalization
     from cka_geo.errors import DataError
-    from cka_geo.train.start import Prepared
+    from cka_geo.train.start import Prepared, stored_normalization
 
     extra = getattr(model, "run_extra", {})
     stored, inputs = extra.get("data"), extra.get("inputs")
@@ -69,7 +68,4 @@ def _user_split(args: argparse.Namespace, path: Path, model: object) -> object:
     split = data.splits[args.split]
     if not len(split):
         raise DataError(f"{args.data}: the {args.split} split is empty ({data.split_rule})")
-    n = inputs["normalize"]
-    norm = Normalization(n["name"], n["scale"], None if n["mean"] is None else tuple(n["mean"]),
-                         None if n["std"] is None else tuple(n["std"]), n["detail"])
-    return Prepared(split, inputs["select"], norm)
+    return Prepared(split, inputs["select"], stored_normalization(inputs["normalize"]))

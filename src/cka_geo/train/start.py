@@ -118,7 +118,7 @@ def _data_names(data: Any, count: int) -> tuple[str, ...] | None:
 
 def plan_inputs(
     loaded: Any, data: Any, *, bands: Sequence[str] | None, normalize: str, image_size: Any,
-    band_rule: str = "off", model_bands: Sequence[str] | None = None, stored: dict[str, Any] | None = None,
+    band_rule: str = "off", model_bands: Sequence[str] | None = None,
 ) -> tuple[list[int] | None, Any, dict[str, Any]]:
     """Band selection, normalisation and image size of ``data`` for ``loaded`` (compare's rules).
 
@@ -127,7 +127,7 @@ def plan_inputs(
         band adaptation to apply (``record["adapt"]``), and is stored with the run.
     """
     from cka_geo.compare.inputs import at_size, canonical_band, parse_size, pick_bands
-    from cka_geo.data.normalize import Normalization, looks_raw, resolve
+    from cka_geo.data.normalize import looks_raw, resolve
 
     x0 = data.splits["train"][0][0]
     have = _data_names(data, int(x0.shape[-3]))
@@ -154,11 +154,7 @@ def plan_inputs(
                 raise DataError(f"{data.root}: {exc}") from None
             adapt = {"band_rule": band_rule, "rule": how, "count": fed,
                      "model_bands": list(m_names) if m_names else None, "data_bands": list(names) if names else None}
-    if stored is not None:
-        norm = Normalization(stored["name"], stored["scale"], _tuple(stored["mean"]), _tuple(stored["std"]),
-                             stored["detail"])
-    else:
-        norm = resolve(normalize, fed, names, embedded=False, raw=looks_raw(x0))
+    norm = resolve(normalize, fed, names, embedded=False, raw=looks_raw(x0))
     data_hw = (int(x0.shape[-2]), int(x0.shape[-1]))
     hw = parse_size(image_size) or data_hw
     if hw != data_hw:
@@ -172,8 +168,15 @@ def plan_inputs(
     return select, norm, record
 
 
-def _tuple(v: Any) -> tuple[float, ...] | None:
-    return None if v is None else tuple(float(x) for x in v)
+def stored_normalization(record: dict[str, Any]) -> Any:
+    """The :class:`~cka_geo.data.normalize.Normalization` a run recorded (``Normalization.record()``)."""
+    from cka_geo.data.normalize import Normalization
+
+    def tup(v: Any) -> tuple[float, ...] | None:
+        return None if v is None else tuple(float(x) for x in v)
+
+    return Normalization(str(record["name"]), float(record["scale"]), tup(record["mean"]), tup(record["std"]),
+                         str(record["detail"]))
 
 
 def _model_names(count: int) -> tuple[str, ...] | None:
@@ -229,4 +232,5 @@ def prepare_start(
     return Start(encoder, splits, data, record)
 
 
-__all__ = ["BAND_RULES", "Prepared", "Start", "adapt_patch_weight", "build_encoder", "plan_inputs", "prepare_start"]
+__all__ = ["BAND_RULES", "Prepared", "Start", "adapt_patch_weight", "build_encoder", "plan_inputs", "prepare_start",
+           "stored_normalization"]
