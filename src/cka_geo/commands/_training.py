@@ -48,6 +48,11 @@ def nonneg_float(text: str) -> float:
     return value
 
 
+def drop_rate(text: str) -> float:
+    """argparse type: a float in [0, 1)."""
+    return float(_number(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)"))
+
+
 def fraction(text: str) -> float:
     """argparse type: a float in (0, 1]."""
     try:
@@ -99,7 +104,17 @@ def add_train_arguments(p: argparse.ArgumentParser, epochs: int, lr: float, batc
     g.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"batch size (default {batch_size})")
     g.add_argument("--lr", type=positive_float, default=lr, help=f"peak learning rate (default {lr:g})")
     g.add_argument("--weight-decay", type=nonneg_float, default=0.05, help="AdamW weight decay (default 0.05)")
-    g.add_argument("--warmup-steps", type=nonneg_int, default=20, help="linear warm-up steps (default 20)")
+    g.add_argument("--warmup-steps", type=nonneg_int, default=20,
+                   help="linear warm-up steps, then cosine decay to 0.1 x --lr (default 20)")
+    g.add_argument("--layer-decay", type=fraction, default=1.0,
+                   help="layer-wise LR decay (BEiT/MAE): block i trains at lr * decay^(depth - i), the patch "
+                        "embedding at lr * decay^(depth + 1), the head at lr (default 1: none)")
+    g.add_argument("--drop-path", type=drop_rate, default=0.0,
+                   help="stochastic depth rate of the last block, linear from 0 at the first (default 0: off)")
+    g.add_argument("--accum-steps", type=positive_int, default=1,
+                   help="micro-batches of --batch-size per optimizer step (gradient accumulation; default 1)")
+    g.add_argument("--precision", choices=("32", "bf16-mixed", "16-mixed"), default="32",
+                   help="float32, or autocast to bfloat16 / float16 (with a gradient scaler) (default 32)")
     g.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation, data order and masks (default 0)")
     g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: available cores, at most 4)")
     g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N (default auto)")
@@ -137,6 +152,8 @@ def train_config(args: argparse.Namespace) -> Any:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, seed=args.seed, progress=args.progress,
         stop_after_epoch=args.stop_after_epoch, device=resolve_device(args.device),
+        layer_decay=getattr(args, "layer_decay", 1.0), drop_path=getattr(args, "drop_path", 0.0),
+        accum_steps=getattr(args, "accum_steps", 1), precision=getattr(args, "precision", "32"),
     )
 
 
@@ -170,7 +187,8 @@ def resumes_in_place(resume: Any, out: Any) -> bool:
 # What each stored setting of a training run is called on the command line.
 RESUME_FLAGS = {
     "train.batch_size": "--batch-size", "train.lr": "--lr", "train.weight_decay": "--weight-decay",
-    "train.warmup_steps": "--warmup-steps", "train.seed": "--seed",
+    "train.warmup_steps": "--warmup-steps", "train.seed": "--seed", "train.layer_decay": "--layer-decay",
+    "train.drop_path": "--drop-path", "train.accum_steps": "--accum-steps", "train.precision": "--precision",
     "objective": "--objective", "objective_kwargs.mask_ratio": "--mask-ratio",
     "objective_kwargs.decoder_dim": "--decoder-dim", "objective_kwargs.decoder_depth": "--decoder-depth",
     "objective_kwargs.temperature": "--temperature",
@@ -179,7 +197,11 @@ RESUME_FLAGS = {
     "task.task": "--task", "task.num_outputs": "--task", "task.decoder": "--decoder", "task.taps": "--taps",
     "task.decoder_channels": "--decoder-channels", "task.adaptation": "--adapt", "task.last_k": "--last-k",
     "label_fraction": "--label-fraction", "fraction_seed": "--fraction-seed", "data.stride": "--stride",
-    "train_samples": "--stride",
+    "train_samples": "--stride", "data.path": "--data", "data.layout": "--layout", "data.target": "--target",
+    "data.labels": "--labels", "data.split_seed": "--split-seed", "data.val_fraction": "--val-fraction",
+    "data.test_fraction": "--test-fraction", "inputs.bands": "--bands", "inputs.normalize.name": "--normalize",
+    "inputs.image_size": "--image-size", "inputs.adapt.band_rule": "--band-rule",
+    "inputs.adapt.model_bands": "--model-bands",
 }
 
 
@@ -247,3 +269,66 @@ def square_size(cfg: Any, path: Any) -> int:
             raise UsageError(f"{path}: a {size[0]}x{size[1]} encoder; training takes square tiles only")
         size = size[0]
     return int(size)
+
+
+def add_data_arguments(p: argparse.ArgumentParser, *, inputs: bool = True, adapt: bool = False) -> None:
+    """``--data`` and its options (layout, targets, splits) and compare's input options."""
+    g = p.add_argument_group("users' data (docs/data.md)")
+    g.add_argument("--data", type=str, default=None,
+                   help="a labelled dataset folder instead of the embedded tiles: class folders (root/<class>/*.tif), "
+                        "images/ + masks/, Sen1Floods11, PASTIS-like, or images with a .csv (regression, multilabel)")
+    g.add_argument("--layout", choices=("auto", "class-folders", "image-mask", "sen1floods11", "pastis", "csv"),
+                   default="auto", help="the layout of --data (default: recognised)")
+    g.add_argument("--target", default=None,
+                   help="csv layout: the target column(s), comma-separated (regression; default 'target') or the "
+                        "label column (multilabel, names split by ; or |; default 'labels')")
+    g.add_argument("--labels", default=None, help="csv layout: the label file (default: the one .csv in --data)")
+    g.add_argument("--split-seed", type=seed_int, default=0,
+                   help="seed of the train/val/test split where --data gives none (default 0)")
+    g.add_argument("--val-fraction", type=nonneg_float, default=0.1, help="seeded split: share for val (default 0.1)")
+    g.add_argument("--test-fraction", type=nonneg_float, default=0.2, help="seeded split: share for test (default 0.2)")
+    if not inputs:
+        return
+    g.add_argument("--bands", nargs="+", metavar="BAND", default=None,
+                   help="Sentinel-2 bands of --data to feed, by name (e.g. B04 B03 B02), as for compare")
+    g.add_argument("--normalize", default="auto", metavar="PRESET",
+                   help="as for compare: auto, none, imagenet, s2-div10000 (ssl4eo), scene or a mean/std .json "
+                        "(default auto: --data as given unless raw DNs, then DN / 10000; imagenet for 3 bands)")
+    g.add_argument("--image-size", type=positive_int, nargs="+", default=None, metavar="PX",
+                   help="N or H W, as for compare: must be the size of --data; another size than the checkpoint's "
+                        "resamples its position embedding on the fly as its family does")
+    if adapt:
+        g.add_argument("--band-rule", choices=("auto", "names", "mean", "off"), default="auto",
+                       help="when --data has other bands than the model: copy kernels by band name, new bands at "
+                            "zero (names; auto when names are known), every kernel the mean x C/C' (mean), or "
+                            "refuse (off) (default auto; docs/training.md)")
+        g.add_argument("--model-bands", nargs="+", metavar="BAND", default=None,
+                       help="the model's band names (default: cka-geo's order for its count, e.g. B4 B3 B2)")
+
+
+def user_data(args: argparse.Namespace, task: str | None, stored: dict[str, Any] | None = None) -> Any:
+    """Open ``--data`` (:func:`cka_geo.data.layouts.open_user_data`); ``stored``: a run's data options."""
+    from cka_geo.data.layouts import open_user_data
+
+    o = stored if stored is not None else data_options(args)
+    return open_user_data(args.data, task=task, layout=o["layout"], target=o["target"], labels=o["labels"],
+                          split_seed=o["split_seed"], val_fraction=o["val_fraction"], test_fraction=o["test_fraction"])
+
+
+def data_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--data`` options as stored with a run (and compared on resume)."""
+    return {"path": str(args.data), "layout": args.layout, "target": args.target, "labels": args.labels,
+            "split_seed": args.split_seed, "val_fraction": args.val_fraction, "test_fraction": args.test_fraction}
+
+
+def refuse_input_options(args: argparse.Namespace) -> None:
+    """``--bands``/``--normalize``/``--image-size`` and the split options apply with ``--data`` only."""
+    if args.data is not None:
+        return
+    given = [f for f, v, d in (("--bands", getattr(args, "bands", None), None),
+                               ("--normalize", getattr(args, "normalize", "auto"), "auto"),
+                               ("--image-size", getattr(args, "image_size", None), None),
+                               ("--target", args.target, None), ("--labels", args.labels, None),
+                               ("--layout", args.layout, "auto")) if v != d]
+    if given:
+        raise UsageError(f"{given[0]} applies to --data only")

@@ -10,13 +10,16 @@ from cka_geo.commands import _training as T
 from cka_geo.errors import UsageError
 
 NAME = "evaluate"
-HELP = "Evaluate an ft.pt written by cka-geo finetune on a split of the embedded tiles."
+HELP = "Evaluate an ft.pt written by cka-geo finetune on a split of the embedded tiles or of --data."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``cka-geo evaluate``."""
     p.add_argument("checkpoint", type=Path, help="ft.pt (or a finetune run directory)")
     p.add_argument("--split", choices=("train", "val", "test"), default="test", help="tiles (default test)")
+    p.add_argument("--data", default=None,
+                   help="the dataset folder the run was fine-tuned on (its layout, split, bands and "
+                        "normalisation are those stored in ft.pt); default: the embedded tiles")
     p.add_argument("--batch-size", type=T.positive_int, default=64, help="batch size (default 64)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--threads", type=T.positive_int, default=None, help="torch CPU threads")
@@ -35,10 +38,34 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{path}: no such checkpoint")
     model = load_task_model(path, trust=args.trust_checkpoint)
     cfg = model.encoder.cfg
-    data = T.embedded(args.split, model.task, T.square_size(cfg, path), cfg.in_chans, checkpoint=path)
+    if args.data is None:
+        data = T.embedded(args.split, model.task, T.square_size(cfg, path), cfg.in_chans, checkpoint=path)
+    else:
+        data = _user_split(args, path, model)
     metrics = evaluate(model, data, args.batch_size)
     if args.json:
         print(json.dumps({"checkpoint": str(path), "split": args.split, "task": model.task, **metrics}))
     else:
         print(f"{path} {args.split} ({model.task}, {len(data)} tiles): {T.format_metrics(metrics)}")
     return 0
+
+
+def _user_split(args: argparse.Namespace, path: Path, model: object) -> object:
+    """The ``--split`` of ``--data`` as the run prepared it (options stored in ft.pt)."""
+    from cka_geo.errors import DataError
+    from cka_geo.train.start import Prepared, stored_normalization
+
+    extra = getattr(model, "run_extra", {})
+    stored, inputs = extra.get("data"), extra.get("inputs")
+    if not isinstance(stored, dict) or not isinstance(inputs, dict):
+        raise UsageError(f"{path}: fine-tuned on the embedded tiles, not on a --data folder; evaluate without --data")
+    task = getattr(model, "task", None)
+    data = T.user_data(args, task, stored=stored)
+    outputs = getattr(model, "num_outputs", None)
+    if data.num_outputs != outputs:
+        raise DataError(f"{args.data}: {data.num_outputs} {'targets' if task == 'regression' else 'classes'}, "
+                        f"{path} predicts {outputs}")
+    split = data.splits[args.split]
+    if not len(split):
+        raise DataError(f"{args.data}: the {args.split} split is empty ({data.split_rule})")
+    return Prepared(split, inputs["select"], stored_normalization(inputs["normalize"]))

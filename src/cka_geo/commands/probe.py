@@ -11,14 +11,15 @@ from cka_geo.commands import _training as T
 from cka_geo.errors import DataError, UsageError
 
 NAME = "probe"
-HELP = "Fit one ridge linear probe per sublayer of a checkpoint on the embedded Sentinel-2 tiles."
+HELP = "Fit one ridge linear probe per sublayer of a checkpoint on the embedded Sentinel-2 tiles or --data."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``cka-geo probe``."""
     p.add_argument("checkpoint", type=Path, help="encoder checkpoint (.safetensors, .pt, .pth, .ckpt, .bin)")
-    p.add_argument("--task", choices=("classification", "regression"), default="classification",
-                   help="dominant cover class (accuracy, macro-F1) or vegetation fraction (RMSE, R²); default classification")
+    p.add_argument("--task", choices=("classification", "regression"), default=None,
+                   help="embedded tiles: dominant cover class (accuracy, macro-F1) or vegetation fraction (RMSE, R²), "
+                        "default classification; --data: the layout's (class folders, csv regression)")
     p.add_argument("--sublayers", nargs="+", default=["block"], metavar="KIND_OR_NAME",
                    help="sublayer kinds (attn fc1 act fc2 block) and/or canonical names (default: block)")
     p.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="token pooling (default mean)")
@@ -37,6 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="allow pickled code in the checkpoint file (only for files you trust)")
     p.add_argument("--prefix", help="encoder prefix in the file when the automatic choice is wrong")
     p.add_argument("--threads", type=T.positive_int, default=None, help="torch CPU threads")
+    T.add_data_arguments(p, inputs=False)
+    p.add_argument("--bands", nargs="+", metavar="BAND", default=None,
+                   help="--data: Sentinel-2 bands to feed, by name, as for compare")
+    p.add_argument("--normalize", default="auto", metavar="PRESET",
+                   help="--data: as for compare (auto, none, imagenet, s2-div10000, scene or a mean/std .json)")
 
 
 def _batches(data: object, batch_size: int) -> object:
@@ -53,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
     from cka_geo.probing import write_probe
 
     T.set_threads(args.threads)
+    if args.data is not None:
+        args.image_size = None if args.tile_size is None else [args.tile_size]
+    else:
+        args.image_size = None
+        T.refuse_input_options(args)
     if not args.checkpoint.is_file():
         raise UsageError(f"{args.checkpoint}: no such checkpoint")
     device = T.resolve_device(args.device)
@@ -74,6 +85,9 @@ def _probe(args: argparse.Namespace, device: str) -> Any:
     from cka_geo.probing import probe_layers
 
     loaded = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint, prefix=args.prefix)
+    if args.data is not None:
+        return _probe_data(args, device, loaded)
+    args.task = args.task or "classification"
     cfg = loaded.config
     img = getattr(cfg, "img_size", None) or getattr(cfg, "image_size", None)
     bands = getattr(cfg, "in_chans", None)
@@ -104,4 +118,31 @@ def _probe(args: argparse.Namespace, device: str) -> Any:
     result.extra.update({"checkpoint": str(args.checkpoint), "sha256": loaded.sha256, "tile_size": tile, "image_size": [tile, tile],
                          "pos_embed_resample": resample,
                          "bands": int(bands), "data": "embedded Sentinel-2 tiles (train/test splits)"})
+    return result
+
+
+def _probe_data(args: argparse.Namespace, device: str, loaded: Any) -> Any:
+    """Probe on the train/test splits of ``--data`` (the model as it is: no band adaptation)."""
+    from cka_geo.checkpoints import build_model
+    from cka_geo.probing import probe_layers
+    from cka_geo.train.start import Prepared, plan_inputs
+
+    data = T.user_data(args, args.task)
+    if data.task not in ("classification", "regression"):
+        raise UsageError(f"--data {args.data}: probes fit classification or regression, not {data.task}")
+    select, norm, record = plan_inputs(loaded, data, bands=args.bands, normalize=args.normalize,
+                                       image_size=args.image_size, band_rule="off")
+    train, test = (Prepared(data.splits[s], select, norm) for s in ("train", "test"))
+    if not len(test):
+        raise DataError(f"{args.data}: the test split is empty ({data.split_rule})")
+    model = build_model(loaded, device=device)
+    result = probe_layers(
+        model, _batches(train, args.batch_size), _batches(test, args.batch_size),  # type: ignore[arg-type]
+        task=data.task, sublayers=args.sublayers, pooling=args.pooling, cv_folds=args.cv_folds,
+        num_classes=data.num_outputs if data.task == "classification" else None,
+    )
+    result.extra.update({"checkpoint": str(args.checkpoint), "sha256": loaded.sha256,
+                         "image_size": record["image_size"], "pos_embed_resample": record["pos_embed_resample"],
+                         "bands": record["band_names"], "normalize": record["normalize"],
+                         "data": {**T.data_options(args), **data.record}})
     return result

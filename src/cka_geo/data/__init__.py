@@ -5,7 +5,8 @@
 * :mod:`cka_geo.data.labels`: labels derived from spectral indices (NDWI, NDVI).
 * Users' data (:mod:`cka_geo.data.folders` gathers them): :mod:`~cka_geo.data.readers`
   (one .tif/.npy file), :mod:`~cka_geo.data.imagefolder` (tile folders, array probe sets,
-  batching), :mod:`~cka_geo.data.sen1floods11` and :mod:`~cka_geo.data.pastis` (layouts).
+  batching), :mod:`~cka_geo.data.sen1floods11` and :mod:`~cka_geo.data.pastis` (layouts);
+  :mod:`~cka_geo.data.layouts` (labelled datasets in any of them, split for training).
 
 Only numpy and torch are imported here; tifffile is imported where a .tif is read.
 See docs/data.md.
@@ -32,6 +33,7 @@ from cka_geo.data.folders import (
     load_array_probes,
     read_image,
 )
+from cka_geo.data.layouts import UserData, open_user_data
 
 __all__ = [
     "BAND_NAMES",
@@ -40,12 +42,14 @@ __all__ = [
     "ImageFolder",
     "PastisLike",
     "Sen1Floods11",
+    "UserData",
     "band_statistics",
     "embedded_cover_map",
     "evenly_spaced_frames",
     "iter_probe_batches",
     "load_array_probes",
     "load_embedded_scene",
+    "open_user_data",
     "probe_images",
     "read_image",
     "select_bands",

@@ -214,9 +214,20 @@ class Block(nn.Module):
         )
         self.ls2: nn.Module = LayerScale(d, cfg.layer_scale) if cfg.layer_scale is not None else nn.Identity()
 
+    #: Stochastic depth: the probability of dropping each residual branch per sample, in
+    #: train mode only (0: off, the default; set by :func:`cka_geo.train.recipe.set_drop_path`).
+    drop_path_rate: float = 0.0
+
+    def _drop_path(self, y: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_path_rate <= 0:
+            return y
+        keep = 1.0 - self.drop_path_rate
+        mask = y.new_empty((y.shape[0],) + (1,) * (y.ndim - 1)).bernoulli_(keep)
+        return y * mask / keep
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        x = x + self._drop_path(self.ls1(self.attn(self.norm1(x))))
+        return x + self._drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
 class VisionTransformer(nn.Module):

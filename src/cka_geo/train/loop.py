@@ -3,10 +3,13 @@
 The model is any ``nn.Module`` with ``training_step(batch, generator) -> (loss, logs)``
 (:class:`~cka_geo.train.objectives.MAE`, :class:`~cka_geo.train.objectives.SimCLR`,
 :class:`~cka_geo.train.tasks.TaskModel`). :func:`fit` runs AdamW with linear warm-up and a
-cosine decay computed from the global step, and after every epoch writes, atomically:
+cosine decay computed from the global step (optionally with layer-wise decay, drop path,
+gradient accumulation and mixed precision: :mod:`cka_geo.train.recipe`), and after every
+epoch writes, atomically:
 
 - ``checkpoints/epoch_NNN.pt`` and ``checkpoints/last.pt``: one dict ``{"format", "model",
   "optimizer", "config", "epoch", "step", "rng", "history"}`` (``epoch`` = epochs done;
+  ``"scaler"`` too under ``16-mixed``;
   ``rng`` = torch, numpy and python global states plus the loop's own generator);
 - ``metrics.csv`` and ``metrics.json``: every record so far (per-step losses and learning
   rates, per-epoch means and validation metrics, and whatever callbacks logged).
@@ -83,6 +86,10 @@ class TrainConfig:
         log_every: Record the step loss every this many steps.
         device: Where to train (``"cpu"``, ``"cuda"``, ``"cuda:N"``); batches are moved there.
             Bit-identical resume is guaranteed on CPU only.
+        layer_decay, drop_path, accum_steps, precision: The recipe (:mod:`cka_geo.train.recipe`):
+            layer-wise LR decay (1: none), last block's drop-path rate (0: off), micro-batches of
+            ``batch_size`` per optimizer step (each weighted by its share of the step's samples,
+            so k x b equals one batch of k·b), ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"``.
     """
 
     epochs: int = 10
@@ -99,12 +106,19 @@ class TrainConfig:
     progress: bool | None = None
     log_every: int = 1
     device: str = "cpu"
+    layer_decay: float = 1.0
+    drop_path: float = 0.0
+    accum_steps: int = 1
+    precision: str = "32"
 
     def __post_init__(self) -> None:
+        from cka_geo.train.recipe import check_recipe
+
         if self.epochs < 1 or self.batch_size < 1:
             raise UsageError(f"epochs and batch size must be positive, got {self.epochs} and {self.batch_size}")
         if not self.lr > 0:
             raise UsageError(f"learning rate must be positive, got {self.lr}")
+        check_recipe(self.layer_decay, self.drop_path, self.accum_steps, self.precision)
         self.betas = tuple(self.betas)  # type: ignore[assignment]
 
 
@@ -145,7 +159,12 @@ def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; decay only on tensors with ≥ 2 dimensions."""
+    """AdamW over the trainable parameters; decay only on tensors with ≥ 2 dimensions (groups of
+    :func:`cka_geo.train.recipe.param_groups`, with their ``lr_scale``, under layer decay)."""
+    if cfg.layer_decay != 1:
+        from cka_geo.train.recipe import param_groups
+
+        return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr, betas=cfg.betas)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UsageError("the model has no trainable parameters")
@@ -317,7 +336,8 @@ def fit(
     if n == 0:
         raise DataError("the training dataset is empty")
     out = Path(out_dir) if out_dir is not None else None
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    per_step = cfg.batch_size * cfg.accum_steps
+    steps_per_epoch = math.ceil(n / per_step)
     total_steps = cfg.epochs * steps_per_epoch
     from cka_geo.devices import resolve_device
 
@@ -328,7 +348,12 @@ def fit(
         ckpt = load_train_checkpoint(resume)
         check_resume(ckpt, config, resume)
     model.to(device)
+    from cka_geo.train import recipe
+
+    if cfg.drop_path:
+        recipe.set_drop_path(model, cfg.drop_path)
     opt = make_optimizer(model, cfg)
+    scaler = recipe.grad_scaler(cfg.precision, device)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: dict[str, list[dict[str, Any]]] = {"epochs": [], "steps": []}
     start_epoch, step = 0, 0
@@ -339,6 +364,8 @@ def fit(
             opt.load_state_dict(ckpt["optimizer"])
             gen.set_state(ckpt["rng"]["generator"])
             _set_rng_state(ckpt["rng"])
+            if "scaler" in ckpt:
+                scaler.load_state_dict(ckpt["scaler"])
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
             reason = " ".join(str(exc).split())[:160] or type(exc).__name__
             raise CheckpointError(f"{resume}: the checkpoint does not fit this run's model ({reason})") from None
@@ -369,22 +396,31 @@ def fit(
             order = _epoch_order(n, cfg.seed, epoch)
             losses = []
             for i in range(steps_per_epoch):
-                batch = _collate(train_data, order[i * cfg.batch_size : (i + 1) * cfg.batch_size])
-                batch = to_device(batch, device)
+                idx = order[i * per_step : (i + 1) * per_step]
                 lr = get_lr(step, total_steps, cfg)
                 for group in opt.param_groups:
-                    group["lr"] = lr
-                loss, logs = getattr(model, "training_step")(batch, gen)  # noqa: B009
-                if not torch.isfinite(loss):
-                    raise CkaGeoError(f"loss became {float(loss)} at step {step} (epoch {epoch}); "
-                                      "lower the learning rate")
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                step_loss = 0.0
+                for j in range(0, len(idx), cfg.batch_size):  # one micro-batch unless accum_steps > 1
+                    micro = idx[j : j + cfg.batch_size]
+                    batch = to_device(_collate(train_data, micro), device)
+                    with recipe.autocast(cfg.precision, device):
+                        loss, logs = getattr(model, "training_step")(batch, gen)  # noqa: B009
+                    if not torch.isfinite(loss):
+                        raise CkaGeoError(f"loss became {float(loss)} at step {step} (epoch {epoch}); "
+                                          "lower the learning rate")
+                    share = len(micro) / len(idx)
+                    scaler.scale(loss if share == 1 else loss * share).backward()
+                    step_loss += float(loss.detach()) * share
                 if cfg.grad_clip:
+                    scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
-                opt.step()
+                scaler.step(opt)
+                scaler.update()
                 step += 1
-                losses.append(float(loss.detach()))
+                losses.append(step_loss)
+                logs = {**logs, "loss": step_loss} if cfg.accum_steps > 1 else logs
                 ctx.step, ctx.loss, ctx.logs = step, losses[-1], {**logs, "lr": lr}
                 if step % cfg.log_every == 0:
                     history["steps"].append({"step": step, "epoch": epoch, "lr": lr, **logs})
@@ -404,7 +440,8 @@ def fit(
             epochs_done = epoch + 1
             if out is not None:
                 write_metrics(out, history)
-                last_path = _save(out, epochs_done, step, model, opt, gen, config, history, cfg.keep_checkpoints)
+                last_path = _save(out, epochs_done, step, model, opt, gen, config, history, cfg.keep_checkpoints,
+                                  scaler)
             if cfg.stop_after_epoch is not None and epochs_done >= cfg.stop_after_epoch and epochs_done < cfg.epochs:
                 break
     finally:
@@ -422,8 +459,9 @@ def fit(
 
 
 def _save(out: Path, epochs_done: int, step: int, model: nn.Module, opt: torch.optim.Optimizer,
-          gen: torch.Generator, config: dict[str, Any], history: dict[str, Any], keep: int | None) -> Path:
-    ckpt = {
+          gen: torch.Generator, config: dict[str, Any], history: dict[str, Any], keep: int | None,
+          scaler: torch.amp.GradScaler | None = None) -> Path:
+    ckpt: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
@@ -433,6 +471,8 @@ def _save(out: Path, epochs_done: int, step: int, model: nn.Module, opt: torch.o
         "rng": {**_rng_state(), "generator": gen.get_state()},
         "history": history,
     }
+    if scaler is not None and scaler.is_enabled():
+        ckpt["scaler"] = scaler.state_dict()
     ckdir = out / "checkpoints"
     path = ckdir / f"epoch_{epochs_done:03d}.pt"
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: a full disk is an OSError
@@ -446,18 +486,7 @@ def _save(out: Path, epochs_done: int, step: int, model: nn.Module, opt: torch.o
 
 
 __all__ = [
-    "CHECKPOINT_FORMAT",
-    "RESUMABLE",
-    "ResumeMismatch",
-    "TrainConfig",
-    "TrainResult",
-    "check_resume",
-    "fit",
-    "get_lr",
-    "isolated",
-    "load_train_checkpoint",
-    "make_optimizer",
-    "seed_everything",
-    "stored_config",
-    "write_metrics",
+    "CHECKPOINT_FORMAT", "RESUMABLE", "ResumeMismatch", "TrainConfig", "TrainResult", "check_resume",
+    "fit", "get_lr", "isolated", "load_train_checkpoint", "make_optimizer", "seed_everything",
+    "stored_config", "write_metrics",
 ]

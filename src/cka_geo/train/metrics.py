@@ -10,6 +10,11 @@ running sums. Definitions (the tests check them against hand computations):
 - IoU_c = TP_c / (TP_c + FP_c + FN_c); mIoU averages IoU_c over the classes whose union is
   non-empty; pixels whose target equals ``ignore_index`` are dropped first;
 - RMSE = √(Σ (ŷ − y)² / n); R² = 1 − Σ (ŷ − y)² / Σ (y − ȳ)².
+- multi-label (one sigmoid per class, positive when the logit is > 0): micro-F1 from the TP,
+  FP, FN summed over classes; macro-F1 over the classes present in targets or predictions;
+  mAP = the mean over classes with a positive of the average precision
+  AP_c = mean over the positives of the precision at their rank (scores descending, ties
+  in sample order; sklearn's ``average_precision_score`` without ties).
 """
 
 from __future__ import annotations
@@ -151,6 +156,38 @@ class RegressionMeter:
         ss_tot = self.sum_y2 - self.sum_y**2 / self.n
         r2 = 1.0 - self.sse / ss_tot if ss_tot > 1e-12 * max(1.0, self.sum_y2) else math.nan
         return {"rmse": math.sqrt(self.sse / self.n), "r2": r2}
+
+
+class MultiLabelMeter:
+    """Accumulates logits and 0/1 targets (N, C) over batches; micro/macro F1 and mAP."""
+
+    def __init__(self) -> None:
+        self.scores: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch of logits and targets (B, C)."""
+        self.scores.append(logits.detach().double().cpu())
+        self.targets.append(target.detach().double().cpu())
+
+    def compute(self) -> dict[str, float]:
+        """``f1_micro``, ``f1_macro`` and ``map``."""
+        s, t = torch.cat(self.scores), torch.cat(self.targets) > 0.5
+        p = s > 0
+        tp, fp, fn = (p & t).sum(0).double(), (p & ~t).sum(0).double(), (~p & t).sum(0).double()
+        denom = 2 * tp + fp + fn
+        micro = float(2 * tp.sum() / denom.sum()) if denom.sum() > 0 else math.nan
+        present = denom > 0
+        macro = float((2 * tp[present] / denom[present]).mean()) if present.any() else math.nan
+        aps = []
+        for c in range(s.shape[1]):
+            if not t[:, c].any():
+                continue
+            order = torch.argsort(-s[:, c], stable=True)
+            hits = t[order, c].double()
+            precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1, dtype=torch.float64)
+            aps.append(float((precision * hits).sum() / hits.sum()))
+        return {"f1_micro": micro, "f1_macro": macro, "map": float(np.mean(aps)) if aps else math.nan}
 
 
 def chance_accuracy(targets: np.ndarray | torch.Tensor, ignore_index: int | None = None) -> float:

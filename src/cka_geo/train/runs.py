@@ -150,6 +150,7 @@ def finetune(
     trust: bool = False,
     run_info: dict[str, Any] | None = None,
     source: str | None = None,
+    ft_extra: dict[str, Any] | None = None,
 ) -> FinetuneResult:
     """Fine-tune an encoder for a task; writes ``pre.pt``, ``ft.pt`` and ``eval.json``.
 
@@ -177,6 +178,7 @@ def finetune(
         trust: Allow pickle for reading ``pre`` (see :func:`~cka_geo.checkpoints.load_checkpoint`).
         run_info: More settings to store and to compare on resume (e.g. the data's stride).
         source: What ``pre.pt`` records as its origin (default: ``pre`` when it is a path).
+        ft_extra: More entries for ``ft.pt`` (e.g. the data and input pipeline, for evaluate).
     """
     from cka_geo.checkpoints import save_checkpoint
 
@@ -194,9 +196,10 @@ def finetune(
         strata = label_strata(dataset_targets(train_data), task, ignore_index=ignore_index)
         indices = stratified_indices(strata, label_fraction, fraction_seed).tolist()
     data = train_data if len(indices) == len(train_data) else Subset(train_data, indices)
-    run_config = {"kind": "finetune", "task": model.config(), "encoder": encoder.cfg.to_dict(),
+    # run_info (data, inputs) first: a resume with other --bands is refused naming --bands, not the encoder
+    run_config = {"kind": "finetune", **(run_info or {}), "task": model.config(), "encoder": encoder.cfg.to_dict(),
                   "pre_sha256": pre_sha256, "label_fraction": label_fraction, "fraction_seed": fraction_seed,
-                  "train_samples": len(indices), **(run_info or {})}
+                  "train_samples": len(indices)}
     if resume is not None:  # refuse a mismatch before pre.pt is written
         check_resume(load_train_checkpoint(resume), stored_config(cfg, run_config), resume)
     pre_path = save_checkpoint(out / "pre.pt", encoder, encoder.cfg, extra={"kind": "pre", "source": source})
@@ -215,6 +218,7 @@ def finetune(
         "train_samples": len(indices),
         "epochs": res.epochs_done,
         "metrics": result.metrics,
+        **(ft_extra or {}),
     })
     write_text_atomic(out / "eval.json", json.dumps(
         {"task": model.config(), "label_fraction": label_fraction, "train_samples": len(indices),
@@ -245,6 +249,7 @@ def load_task_model(path: str | Path, trust: bool = False) -> TaskModel:
     c = head["config"]
     model = TaskModel(cast(VisionTransformer, build_model(loaded)), c["task"], c["num_outputs"], decoder=c["decoder"] or "linear",
                       taps=c["taps"], decoder_channels=c["decoder_channels"], ignore_index=c["ignore_index"])
+    model.run_extra = dict(loaded.extra)  # the data and inputs of the run, for evaluate --data
     sd = {k.removeprefix("head."): v for k, v in head["state_dict"].items()}
     try:
         model.head.load_state_dict(sd, strict=True)

@@ -7,7 +7,8 @@ start with ``head.`` in :meth:`TaskModel.state_dict`; :meth:`TaskModel.head_stat
 them without the encoder.
 
 Losses: cross-entropy (classification), mean squared error (regression), per-pixel
-cross-entropy with ``ignore_index`` (segmentation).
+cross-entropy with ``ignore_index`` (segmentation), binary cross-entropy on one logit per
+class (multilabel).
 
 Adaptation (:func:`set_adaptation`): ``"frozen"`` (encoder untouched, only the head
 trains; its weights stay bit-identical), ``"full"`` (everything trains), ``"last-k"`` (the
@@ -36,9 +37,9 @@ from torch import nn
 from cka_geo.errors import DataError, UsageError
 from cka_geo.models.vit import VisionTransformer
 from cka_geo.train.decoders import build_decoder
-from cka_geo.train.metrics import ConfusionMeter, RegressionMeter
+from cka_geo.train.metrics import ConfusionMeter, MultiLabelMeter, RegressionMeter
 
-TASKS = ("classification", "regression", "segmentation")
+TASKS = ("classification", "regression", "segmentation", "multilabel")
 ADAPTATIONS = ("frozen", "full", "last-k")
 
 
@@ -77,6 +78,7 @@ class TaskModel(nn.Module):
             nn.init.zeros_(self.head.bias)
         self.adaptation = "full"
         self.last_k = 0
+        self.run_extra: dict[str, Any] = {}  # what the ft.pt it was read from stores beside it
 
     def config(self) -> dict[str, Any]:
         """What rebuilds this head (JSON-serialisable)."""
@@ -106,6 +108,8 @@ class TaskModel(nn.Module):
         """The task's loss for outputs ``out`` and targets ``y``."""
         if self.task == "regression":
             return F.mse_loss(out, y.to(out.dtype).reshape(out.shape))
+        if self.task == "multilabel":
+            return F.binary_cross_entropy_with_logits(out, y.to(out.dtype).reshape(out.shape))
         if self.task == "segmentation" and y.ndim == 4:
             y = y[:, 0]
         return F.cross_entropy(out, y.long(), ignore_index=self.ignore_index)
@@ -155,6 +159,12 @@ def set_adaptation(model: TaskModel, mode: str, last_k: int = 0) -> list[str]:
 def dataset_targets(dataset: Any) -> torch.Tensor:
     """All targets of a dataset: ``.targets``/``.labels`` if present, ``TensorDataset``'s second
     tensor, else item by item."""
+    from torch.utils.data import Subset
+
+    if isinstance(dataset, Subset):
+        inner = getattr(dataset.dataset, "targets", None)
+        if isinstance(inner, torch.Tensor):
+            return inner[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
     for attr in ("targets", "labels"):
         t = getattr(dataset, attr, None)
         if t is not None and not callable(t):
@@ -172,6 +182,13 @@ def label_strata(targets: torch.Tensor | np.ndarray, task: str, ignore_index: in
     t = np.asarray(targets)
     if task == "classification":
         return t.reshape(len(t)).astype(np.int64)
+    if task == "multilabel":  # the rarest label a sample has (-1: none), as segmentation's rarest class
+        pos = t.reshape(len(t), -1) > 0.5
+        by_count = np.argsort(pos.sum(axis=0), kind="stable")  # rarest first
+        ml = np.full(len(t), -1, dtype=np.int64)
+        for c in by_count[::-1]:  # rarer labels overwrite
+            ml[pos[:, c]] = c
+        return ml
     if task == "regression":
         v = t.reshape(len(t), -1).mean(axis=1).astype(np.float64)
         edges = np.quantile(v, np.linspace(0, 1, bins + 1)[1:-1])
@@ -222,16 +239,18 @@ def evaluate(model: TaskModel, dataset: Any, batch_size: int = 32) -> dict[str, 
 
     Returns:
         ``loss`` plus accuracy/macro_f1 (classification), accuracy/macro_f1/miou
-        (segmentation, ``ignore_index`` dropped) or rmse/r2 (regression).
+        (segmentation, ``ignore_index`` dropped), rmse/r2 (regression) or
+        f1_micro/f1_macro/map (multilabel).
     """
     from torch.utils.data import DataLoader
 
     was_training = model.training
     model.eval()
-    meter: ConfusionMeter | RegressionMeter
-    meter = RegressionMeter() if model.task == "regression" else ConfusionMeter(
-        model.num_outputs, model.ignore_index if model.task == "segmentation" else None
-    )
+    meter: ConfusionMeter | RegressionMeter | MultiLabelMeter
+    if model.task in ("regression", "multilabel"):
+        meter = RegressionMeter() if model.task == "regression" else MultiLabelMeter()
+    else:
+        meter = ConfusionMeter(model.num_outputs, model.ignore_index if model.task == "segmentation" else None)
     total, n = 0.0, 0
     try:
         device = next(model.parameters()).device
@@ -240,7 +259,7 @@ def evaluate(model: TaskModel, dataset: Any, batch_size: int = 32) -> dict[str, 
             out = model(x)
             total += float(model.loss(out, y)) * x.shape[0]
             n += x.shape[0]
-            if model.task == "regression":
+            if model.task in ("regression", "multilabel"):
                 meter.update(out, y)
             else:
                 yy = y[:, 0] if (model.task == "segmentation" and y.ndim == 4) else y
