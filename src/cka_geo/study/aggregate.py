@@ -23,7 +23,9 @@ and a test can recompute them independently. Written into ``OUT/aggregate/`` as 
   cell's most changed kind is the kind (attn, fc1, act, fc2; block outputs excluded) with the
   largest mean 1 − CKA over blocks; cells in which nothing changed beyond the numerical noise
   (a frozen encoder) are left out of the count.
-* ``summary.json``: all of the above as JSON, and ``figures/`` (:mod:`cka_geo.study.figures`).
+* ``summary.json``: rankings, tau, fc1 shares and probing summaries as JSON; ``tables.json``:
+  every table above as JSON lists of rows (NaN as null), what the figures and the notebook
+  read; ``figures/`` (:mod:`cka_geo.study.figures`).
 """
 
 from __future__ import annotations
@@ -277,6 +279,9 @@ def aggregate(cfg: StudyConfig, out: str | Path, *, figures: bool = True) -> Pat
                            ("fc1_share", share), ("probing", profiles), ("probing_summary", psummary)):
             write_text_atomic(tmp / f"{name}.csv", _csv(rows))
         write_text_atomic(tmp / "summary.json", json.dumps(_finite(summary), indent=1, allow_nan=False) + "\n")
+        tables = {"cells": table, "rankings": ranks, "kendall": taus, "localisation": loc, "fc1_share": share,
+                  "probing": profiles, "probing_summary": psummary}
+        write_text_atomic(tmp / "tables.json", json.dumps(_finite(tables), allow_nan=False) + "\n")
         if figures:
             from cka_geo.study.figures import draw_all
 

@@ -53,6 +53,14 @@ def draw_all(out: str | Path, table: list[dict[str, Any]], ranks: list[dict[str,
     return paths
 
 
+def draw_tables(tables: str | Path | dict[str, Any], out: str | Path) -> list[Path]:
+    """Draw the figures of a study from its ``aggregate/tables.json`` (a path or the loaded dict) into ``out/figures/``."""
+    import json
+
+    t = json.loads(Path(tables).read_text(encoding="utf-8")) if not isinstance(tables, dict) else tables
+    return draw_all(out, t["cells"], t["rankings"], t["localisation"], t["fc1_share"], t["probing"])
+
+
 def _encoders(rows: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(r["encoder"] for r in rows))
 
@@ -170,4 +178,4 @@ def _share(new: Any, share: list[dict[str, Any]]) -> Any:
     return fig
 
 
-__all__ = ["FORMATS", "STEMS", "draw_all"]
+__all__ = ["FORMATS", "STEMS", "draw_all", "draw_tables"]
