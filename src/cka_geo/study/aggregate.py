@@ -60,10 +60,13 @@ def _scipy_stats() -> Any:
     return stats
 
 
-def _csv(rows: list[dict[str, Any]]) -> str:
+_HEADERS = {"kendall": ["setting_a", "setting_b", "n_encoders", "tau", "p_value"]}  # tables that may be empty
+
+
+def _csv(rows: list[dict[str, Any]], header: list[str] | None = None) -> str:
     buf = io.StringIO()
-    if rows:
-        fields = list(dict.fromkeys(k for r in rows for k in r))
+    fields = list(dict.fromkeys(k for r in rows for k in r)) or header or []
+    if fields:
         w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
         w.writeheader()
         for r in rows:
@@ -277,7 +280,7 @@ def aggregate(cfg: StudyConfig, out: str | Path, *, figures: bool = True) -> Pat
     with atomic_dir(dest) as tmp:
         for name, rows in (("cells", table), ("rankings", ranks), ("kendall", taus), ("localisation", loc),
                            ("fc1_share", share), ("probing", profiles), ("probing_summary", psummary)):
-            write_text_atomic(tmp / f"{name}.csv", _csv(rows))
+            write_text_atomic(tmp / f"{name}.csv", _csv(rows, _HEADERS.get(name)))
         write_text_atomic(tmp / "summary.json", json.dumps(_finite(summary), indent=1, allow_nan=False) + "\n")
         tables = {"cells": table, "rankings": ranks, "kendall": taus, "localisation": loc, "fc1_share": share,
                   "probing": profiles, "probing_summary": psummary}

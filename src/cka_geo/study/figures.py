@@ -148,7 +148,8 @@ def _probing(new: Any, profiles: list[dict[str, Any]]) -> Any:
         ax.set_title(enc)
         ax.set_xlabel("block")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7)
     return fig
 
 
