@@ -264,3 +264,43 @@ def test_a_foreign_folder_and_a_missing_checkpoint_are_refused(tmp_path, capsys)
     assert main(["study", str(cfg), "--out", str(tmp_path / "o2"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "encoders.x.checkpoint" in err and "nope.pt" in err
+
+
+MINI = """
+[study]
+seeds = [0, 1]
+adaptations = ["full", "frozen"]
+[train]
+epochs = 1
+stride = 32
+[compare]
+samples = 32
+batch_size = 8
+bootstrap = 0
+[probe]
+enabled = false
+[encoders.r]
+checkpoint = "builtin:random"
+depth = 1
+embed_dim = 16
+patch_size = 8
+[tasks.cover]
+task = "classification"
+"""
+
+
+def test_shards_split_the_cells_and_the_last_one_aggregates_frozen_cells_left_out(tmp_path, capsys):
+    cfg = tmp_path / "mini.toml"
+    cfg.write_text(MINI)
+    out = tmp_path / "mini"
+    assert main(["study", str(cfg), "--out", str(out), "--shard", "1/2", "--device", "cpu", "--no-figures"]) == 0
+    assert "2 of 4 cells finished" in capsys.readouterr().out
+    assert sorted(os.listdir(out / "cells")) == ["r__cover__lf1__linear__frozen__s1", "r__cover__lf1__linear__full__s1"]
+    assert not (out / "aggregate").exists()
+    assert main(["study", str(cfg), "--out", str(out), "--shard", "0/2", "--device", "cpu", "--no-figures"]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "aggregate")
+    rows = {r["view"]: r for r in _rows(out / "aggregate" / "fc1_share.csv") if r["encoder"] == "all"}
+    for view in ("same", "own"):  # the frozen encoder is bit-identical to its start: no most changed kind
+        assert (rows[view]["counted"], rows[view]["unchanged"]) == ("2", "2")
+    frozen = [r for r in _rows(out / "aggregate" / "cells.csv") if r["adaptation"] == "frozen"]
+    assert all(r["most_changed_kind_same"] == "" and float(r["mean_change_fc1_same"]) == 0 for r in frozen)
