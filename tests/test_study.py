@@ -71,6 +71,8 @@ def test_table_has_one_row_per_cell_with_its_evaluated_metric(study):
     assert [r["cell"] for r in rows] == ids
     for r in rows:
         ev = json.loads((study / "cells" / r["cell"] / "evaluate.json").read_text())
+        in_memory = json.loads((study / "cells" / r["cell"] / "finetune" / "eval.json").read_text())["metrics"]["test"]
+        assert ev["miou"] == pytest.approx(in_memory["miou"], abs=1e-6)  # the saved ft.pt reproduces the trained model
         assert float(r["primary"]) == pytest.approx(ev["miou"], rel=1e-5)
         assert float(r["train_samples"]) > 0
     small = {r["cell"]: int(r["train_samples"]) for r in rows}
