@@ -42,14 +42,14 @@ def loaded():
     return load_checkpoint(converted()[0])
 
 
-@pytest.mark.parametrize("size", [518, 224])
+@pytest.mark.parametrize("size", [pytest.param(518, marks=pytest.mark.slow), 224])
 def test_full_depth_tokens_match_the_onnx_graph(loaded, size):
     x = _x(size)
     ref = reference_run(FINAL, x.numpy())
     with torch.no_grad():
         ours = build_model(loaded).forward_features(x).numpy()
     assert ref.shape == ours.shape
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4)  # measured 1.8e-5 / 2.1e-5
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4)  # measured 1.8e-5 / 2.1e-5 (518 px: 35-77 s)
 
 
 def _hf_model(folder: Path):
