@@ -20,7 +20,7 @@ from cka_geo import __version__
 from cka_geo.errors import CkaGeoError
 
 # Each module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
-COMMANDS = ("compare", "plot", "pretrain", "finetune", "evaluate", "demo", "probe", "study")
+COMMANDS = ("compare", "plot", "pretrain", "finetune", "evaluate", "demo", "probe", "study", "convert")
 
 
 class _Parser(argparse.ArgumentParser):
