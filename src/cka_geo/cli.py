@@ -17,10 +17,12 @@ from typing import NoReturn
 import torch
 
 from cka_geo import __version__
-from cka_geo.errors import CkaGeoError
+from cka_geo.errors import CkaGeoError, UsageError
 
 # Each module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS = ("compare", "plot", "pretrain", "finetune", "evaluate", "demo", "probe")
+#: The subcommands that run under ``torchrun`` (docs/distributed.md); the others refuse it.
+DISTRIBUTED = ("compare", "finetune")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,10 +64,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help(sys.stderr)
         return 2
+    from cka_geo import distributed
+
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning  # one line each on stderr, restored after
+            env = distributed.launcher_env()
+            if env is not None and args.command not in DISTRIBUTED:
+                raise UsageError(f"{args.command} does not run under torchrun (WORLD_SIZE={env.world}); "
+                                 f"run it in one process (torchrun runs {' and '.join(DISTRIBUTED)})")
+            if env is not None and env.rank != 0:
+                warnings.simplefilter("ignore")  # rank 0 says it once
             return int(args._run(args) or 0)
+    except distributed.PeerFailed as exc:  # the failed rank printed the line
+        return exc.exit_code
     except CkaGeoError as exc:
         print(f"cka-geo: error: {one_line(str(exc).strip() or type(exc).__name__)}", file=sys.stderr)
         return exc.exit_code
@@ -85,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        distributed.shutdown()
 
 
 def one_line(text: str) -> str:

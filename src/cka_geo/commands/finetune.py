@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Fine-tune, evaluate on val and test, print the test metrics."""
+    import contextlib
+
+    from cka_geo import distributed
     from cka_geo.commands._output import claim
     from cka_geo.train.runs import finetune, load_encoder
 
@@ -52,9 +55,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.checkpoint.is_file():
         raise UsageError(f"{args.checkpoint}: no such checkpoint")
     train_cfg = T.train_config(args)
+    distributed.init(train_cfg.device)  # under torchrun: join the ranks; rank 0 alone claims --out
     resume = T.resume_path(args, args.out)
     in_place = T.resumes_in_place(resume, args.out)
-    with claim(args.out, NAME, inputs=(args.checkpoint, resume), in_place=in_place) as out:  # before any work
+    main = distributed.is_main()
+    claimed = claim(args.out, NAME, inputs=(args.checkpoint, resume), in_place=in_place) if main else None
+    with claimed or contextlib.nullcontext() as out:  # before any work (ddp: ranks > 0 write nothing)
         encoder = load_encoder(args.checkpoint, trust=args.trust_checkpoint)
         size, bands = T.square_size(encoder.cfg, args.checkpoint), encoder.cfg.in_chans
         stride = args.stride or max(1, size // 2)
@@ -62,15 +68,19 @@ def run(args: argparse.Namespace) -> int:
         val = T.embedded("val", args.task, size, bands, checkpoint=args.checkpoint)
         test = T.embedded("test", args.task, size, bands, checkpoint=args.checkpoint)
         outputs = train.num_classes or 1
-        with out.train_dir(in_place) as work, T.resume_errors(NAME, resume):
+        place = out.train_dir(in_place) if out is not None else contextlib.nullcontext(args.out)
+        with place as work, T.resume_errors(NAME, resume):
             res = finetune(encoder, train, work, train_cfg, task=args.task, num_outputs=outputs,
                            decoder=args.decoder, taps=args.taps, decoder_channels=args.decoder_channels,
                            adaptation=args.adapt, last_k=args.last_k or 0, label_fraction=args.label_fraction,
                            fraction_seed=args.fraction_seed, val_data=val, test_data=test, resume=resume,
                            run_info={"data": {"stride": stride}}, source=str(args.checkpoint))
+    if out is None:
+        return 0
     if res.ft_path is None:
         print(f"stopped after epoch {res.train.epochs_done}; resume with --resume")
         return 0
     print(f"{out.final(res.pre_path, work)}  {out.final(res.ft_path, work)}")
     print(f"test: {T.format_metrics(res.metrics['test'])}")
     return 0
+

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cka_geo import __version__
+from cka_geo import __version__, distributed
 from cka_geo.accumulator import CKAResult
 from cka_geo.bootstrap import bootstrap_ratio
 from cka_geo.checkpoints import LoadedCheckpoint
@@ -166,6 +166,8 @@ def build_results(
         "bootstrap": opts.bootstrap if boot else 0,
         "confidence": opts.confidence,
         "interval_method": "percentile bootstrap over batches" if boot else None,
+        "forward_precision": opts.forward_precision,
+        "ranks": distributed.world(),
         "noise_level": UNCHANGED_TOL,
         "degenerate_rule": DEGENERATE_RULE,
     }

@@ -27,6 +27,8 @@ MAX_BOOTSTRAP = 100_000
 #: Fewest batches for which a bootstrap interval over batches is worth its name.
 MIN_INTERVAL_BATCHES = 10
 _OWN = "{}#own"
+#: Dtypes the forwards of a comparison may run in (``--forward-precision``).
+FORWARD_PRECISIONS = ("float32", "bf16")
 
 
 @dataclass
@@ -71,6 +73,10 @@ class CompareOptions:
         own_change: Also compute each sublayer's own change.
         bootstrap: Bootstrap replicates for the intervals (0 for none).
         confidence: Level of the intervals.
+        forward_precision: ``"float32"`` (default) or ``"bf16"``: the forwards under bf16
+            autocast (faster on GPUs with bf16 units); the features are pooled in float32
+            and the grams and sums stay float32/float64. Its error against float32
+            forwards is stated in docs/distributed.md.
         progress: None (default): the plan line, then a progress bar on a terminal or
             plain lines (estimated total after the first batch, then every 10 % or 30 s)
             on any other stderr; True likewise; False: nothing on stderr.
@@ -101,6 +107,7 @@ class CompareOptions:
     image_size: int | tuple[int, int] | None = None
     bands: tuple[str, ...] | None = None
     normalize: str = "auto"
+    forward_precision: str = "float32"
 
     def validate(self) -> None:
         """Raise UsageError naming the first bad option."""
@@ -131,6 +138,8 @@ class CompareOptions:
 
         parse_size(self.image_size)
         check_preset(self.normalize)
+        if self.forward_precision not in FORWARD_PRECISIONS:
+            raise UsageError(f"--forward-precision {self.forward_precision!r}: choose from {', '.join(FORWARD_PRECISIONS)}")
         if self.bands is not None and not self.bands:
             raise UsageError("--bands needs at least one band name")
 
