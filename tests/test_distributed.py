@@ -128,6 +128,19 @@ def test_a_bad_launcher_environment_is_one_usage_error(monkeypatch):
         distributed.launcher_env()
 
 
+def test_ranks_failing_alike_print_their_line_once(monkeypatch, tmp_path):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.say_once("cka-geo: error: x") and distributed.say_once("cka-geo: error: x")  # not torchrun
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    assert distributed.say_once("cka-geo: error: x")  # rank 0, say
+    assert not distributed.say_once("cka-geo: error: x")  # rank 1, the same line
+    assert distributed.say_once("cka-geo: error: y")  # another line
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-2")
+    assert distributed.say_once("cka-geo: error: x")  # another job
+
+
 def test_commands_without_torchrun_support_refuse_it_in_one_line(monkeypatch, capsys, tmp_path):
     for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost",
                        "MASTER_PORT": "29500"}.items():
@@ -178,7 +191,8 @@ def test_bf16_forwards_are_recorded_and_stay_close_to_float32(pair):
         warnings.simplefilter("ignore")
         f32 = compare_checkpoints(*pair, **opts)
         bf16 = compare_checkpoints(*pair, forward_precision="bf16", **opts)
-    assert f32.settings["forward_precision"] == "float32" and bf16.settings["forward_precision"] == "bf16"
+    assert f32.to_dict()["settings"]["forward_precision"] == "float32"  # as written to results.json
+    assert bf16.to_dict()["settings"]["forward_precision"] == "bf16"
     diff = np.nanmax(np.abs(bf16.matrix - f32.matrix))
     assert 0 < diff < 0.05, diff  # really bf16 (not float32), and still the same picture
     with pytest.raises(UsageError, match="--forward-precision 'fp8'"):

@@ -28,7 +28,10 @@ DISTRIBUTED = ("compare", "finetune")
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit 2
         sub = self.prog.removeprefix("cka-geo").strip()
-        self.exit(2, f"cka-geo: error: {sub + ': ' if sub else ''}{one_line(message)}\n")
+        line = f"cka-geo: error: {sub + ': ' if sub else ''}{one_line(message)}"
+        from cka_geo.distributed import say_once
+
+        self.exit(2, f"{line}\n" if say_once(line) else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except distributed.PeerFailed as exc:  # the failed rank printed the line
         return exc.exit_code
     except CkaGeoError as exc:
-        print(f"cka-geo: error: {one_line(str(exc).strip() or type(exc).__name__)}", file=sys.stderr)
+        _say(f"cka-geo: error: {one_line(str(exc).strip() or type(exc).__name__)}")
         return exc.exit_code
     except KeyboardInterrupt:
         print("cka-geo: interrupted", file=sys.stderr)
@@ -91,14 +94,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: one line, the traceback on request
         if os.environ.get("CKA_GEO_DEBUG"):
             raise
-        print(
+        _say(
             f"cka-geo: internal error: {type(exc).__name__}: {_first_line(exc)} "
-            "(set CKA_GEO_DEBUG=1 for the traceback, and please report it)",
-            file=sys.stderr,
+            "(set CKA_GEO_DEBUG=1 for the traceback, and please report it)"
         )
         return 1
     finally:
         distributed.shutdown()
+
+
+def _say(line: str) -> None:
+    """Print an error line on stderr, once per torchrun job when every rank fails alike."""
+    from cka_geo.distributed import say_once
+
+    if say_once(line):
+        print(line, file=sys.stderr)
 
 
 def one_line(text: str) -> str:

@@ -110,6 +110,32 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def say_once(line: str) -> bool:
+    """Whether this process should print ``line``: False when another rank of the same
+    ``torchrun`` job on this node printed the same line (every rank failing alike prints once).
+
+    Always True outside torchrun. Needs no process group (it may be called before one exists
+    or after a collective failed): the first rank to create a marker file named by the job
+    (``TORCHELASTIC_RUN_ID``) and the line wins.
+    """
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "").strip()
+    if not run_id or not os.environ.get("WORLD_SIZE", "").strip() or os.environ["WORLD_SIZE"].strip() == "1":
+        return True
+    import hashlib
+    import tempfile
+
+    base = os.path.join(tempfile.gettempdir(), f"cka-geo-locks-{os.getuid()}")
+    key = hashlib.sha256(f"{run_id}\0{os.environ.get('MASTER_PORT', '')}\0{line}".encode()).hexdigest()[:32]
+    try:
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        os.close(os.open(os.path.join(base, f"said-{key}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def _timeout() -> datetime.timedelta:
     text = os.environ.get("CKA_GEO_DIST_TIMEOUT", "").strip()
     try:
@@ -245,6 +271,7 @@ __all__ = [
     "is_main",
     "launcher_env",
     "rank",
+    "say_once",
     "shutdown",
     "world",
 ]
