@@ -26,7 +26,7 @@ from cka_geo.checkpoints import save_checkpoint
 from cka_geo.cli import main
 from cka_geo.compare import CompareOptions, compare_checkpoints
 from cka_geo.compare.shard import ShardCKA, merge, owns, shard_images
-from cka_geo.errors import UsageError
+from cka_geo.errors import DataError, UsageError
 from cka_geo.vit import VisionTransformer, ViTConfig
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -180,6 +180,36 @@ def test_the_biased_estimator_is_not_sharded(monkeypatch, pair):
     monkeypatch.setattr(distributed, "init", lambda device: torch.device(device))
     with pytest.raises(UsageError, match=r"--estimator biased puts every sample in one batch.*2 ranks"):
         compare_checkpoints(*pair, samples=16, batch_size=8, estimator="biased", bootstrap=0, progress=False)
+
+
+def test_a_rank_reads_only_its_own_batches_of_a_folder(monkeypatch, tmp_path):
+    from cka_geo.compare.probes import cut_batches, open_probes
+    from cka_geo.data import ImageFolder
+    from cka_geo.data.normalize import resolve
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "tiles").mkdir()
+    for i in range(10):
+        np.save(tmp_path / f"tiles/t{i}.npy", rng.standard_normal((13, 16, 16)).astype(np.float32))
+    opts = CompareOptions(data=str(tmp_path / "tiles"), normalize="none")
+
+    def batches(rank: int, world: int) -> list[torch.Tensor]:
+        env = None if world == 1 else distributed.Env(rank, world, rank)
+        monkeypatch.setitem(distributed._state, "env", env)
+        probes = open_probes(opts, 13)
+        norm = resolve("none", 13, probes.band_names, embedded=False, raw=probes.raw)
+        return list(cut_batches(probes, opts, 10, 4, (16, 16), norm)[0])
+
+    one = batches(0, 1)
+    read: list[int] = []
+    get = ImageFolder.__getitem__
+    monkeypatch.setattr(ImageFolder, "__getitem__", lambda self, i: read.append(i) or get(self, i))
+    two = batches(1, 2)
+    assert sorted(set(read) - {0}) == [4, 5, 6, 7]  # batch 1 of 3 (0 is read to open the folder)
+    assert [b.shape[0] for b in two] == [0, 4, 0] and torch.equal(two[1], one[1])
+    np.save(tmp_path / "tiles/t5.npy", rng.standard_normal((13, 8, 8)).astype(np.float32))
+    with pytest.raises(DataError, match=r"has shape .* all images of a probe set must have one size"):
+        batches(1, 2)
 
 
 # -- bf16 forwards ----------------------------------------------------------------------------
