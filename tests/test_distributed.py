@@ -229,6 +229,12 @@ def test_bf16_forwards_are_recorded_and_stay_close_to_float32(pair):
         CompareOptions(forward_precision="fp8").validate()
 
 
+def test_the_forward_precision_flag_is_checked_in_one_line(pair, capsys):
+    assert main(["compare", *map(str, pair), "--forward-precision", "fp16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--forward-precision" in err[0] and "'fp16'" in err[0]
+
+
 # -- torchrun, 2 gloo ranks -------------------------------------------------------------------
 
 
