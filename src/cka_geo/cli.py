@@ -17,16 +17,21 @@ from typing import NoReturn
 import torch
 
 from cka_geo import __version__
-from cka_geo.errors import CkaGeoError
+from cka_geo.errors import CkaGeoError, UsageError
 
 # Each module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS = ("compare", "plot", "pretrain", "finetune", "evaluate", "demo", "probe", "study", "convert")
+#: The subcommands that run under ``torchrun`` (docs/distributed.md); the others refuse it.
+DISTRIBUTED = ("compare", "finetune")
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit 2
         sub = self.prog.removeprefix("cka-geo").strip()
-        self.exit(2, f"cka-geo: error: {sub + ': ' if sub else ''}{one_line(message)}\n")
+        line = f"cka-geo: error: {sub + ': ' if sub else ''}{one_line(message)}"
+        from cka_geo.distributed import say_once
+
+        self.exit(2, f"{line}\n" if say_once(line) else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,12 +67,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help(sys.stderr)
         return 2
+    from cka_geo import distributed
+
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning  # one line each on stderr, restored after
+            env = distributed.launcher_env()
+            if env is not None and args.command not in DISTRIBUTED:
+                raise UsageError(f"{args.command} does not run under torchrun (WORLD_SIZE={env.world}); "
+                                 f"run it in one process (torchrun runs {' and '.join(DISTRIBUTED)})")
+            if env is not None and env.rank != 0:
+                warnings.simplefilter("ignore")  # rank 0 says it once
             return int(args._run(args) or 0)
+    except distributed.PeerFailed as exc:  # the failed rank printed the line
+        return exc.exit_code
     except CkaGeoError as exc:
-        print(f"cka-geo: error: {one_line(str(exc).strip() or type(exc).__name__)}", file=sys.stderr)
+        _say(f"cka-geo: error: {one_line(str(exc).strip() or type(exc).__name__)}")
         return exc.exit_code
     except KeyboardInterrupt:
         print("cka-geo: interrupted", file=sys.stderr)
@@ -79,12 +94,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: one line, the traceback on request
         if os.environ.get("CKA_GEO_DEBUG"):
             raise
-        print(
+        _say(
             f"cka-geo: internal error: {type(exc).__name__}: {_first_line(exc)} "
-            "(set CKA_GEO_DEBUG=1 for the traceback, and please report it)",
-            file=sys.stderr,
+            "(set CKA_GEO_DEBUG=1 for the traceback, and please report it)"
         )
         return 1
+    finally:
+        distributed.shutdown()
+
+
+def _say(line: str) -> None:
+    """Print an error line on stderr, once per torchrun job when every rank fails alike."""
+    from cka_geo.distributed import say_once
+
+    if say_once(line):
+        print(line, file=sys.stderr)
 
 
 def one_line(text: str) -> str:

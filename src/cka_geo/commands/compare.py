@@ -50,11 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act", choices=("gelu", "gelu_tanh", "quick_gelu", "silu"), help="MLP activation when the files do not say it (default: known, else gelu with a warning)")
     p.add_argument("--wavelengths", nargs="+", metavar="WL", help="DOFA: input band wavelengths in µm or band names (B02 B03 ... or RED NIR_NARROW ...; default: stored band names, else the 13 Sentinel-2 L1C bands)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress on stderr: a bar on a terminal, else plain lines (the estimated total after the first batch, then every 10 %% or 30 s); --no-progress: none, nor the plan line (default: on)")
+    p.add_argument("--forward-precision", choices=("float32", "bf16"), default="float32", help="dtype of the forwards: bf16 runs them under autocast (GPUs with bf16 units), the grams and sums stay float32/float64; its measured error is in docs/distributed.md (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on stderr but errors")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the comparison, print the table, write JSON/CSV and figures."""
+    from cka_geo import distributed
     from cka_geo.commands._output import claim
     from cka_geo.compare import CompareOptions, compare_checkpoints, resolve_device
     from cka_geo.errors import UsageError
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.pre, args.ft):
         if not Path(path).exists():
             raise UsageError(f"{path}: no such file")
-    resolve_device(args.device)
+    distributed.init(resolve_device(args.device))  # under torchrun: join the ranks before --out is claimed
     opts = CompareOptions(
         data=args.data,
         sublayers=tuple(dict.fromkeys(args.sublayers)),
@@ -90,16 +92,20 @@ def run(args: argparse.Namespace) -> int:
         image_size=_size(args.image_size),
         bands=tuple(args.bands) if args.bands else None,
         normalize=args.normalize,
+        forward_precision=args.forward_precision,
     )
     if args.quiet and args.progress is None:
         opts.progress = False
+    main = distributed.is_main()  # under torchrun rank 0 alone claims --out, writes and prints
     files = [f for f in args.format if f != "table"]
     written = []
     with contextlib.ExitStack() as stack:
         out = None
-        if files or not args.no_figures:  # --out checked before the work, replaced whole after it
+        if main and (files or not args.no_figures):  # --out checked before the work, replaced whole after it
             out = stack.enter_context(claim(args.out, NAME, inputs=(args.pre, args.ft, args.data)))
         results = compare_checkpoints(args.pre, args.ft, opts)
+        if not main:
+            return 0
         if not args.quiet:
             print("\n".join(describe_checkpoints(results)), file=sys.stderr)
         if out is not None:

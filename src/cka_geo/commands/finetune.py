@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Fine-tune, evaluate on val and test, print the test metrics."""
+    import contextlib
+
+    from cka_geo import distributed
     from cka_geo.commands._output import claim
     from cka_geo.train.runs import finetune, load_encoder
 
@@ -62,9 +65,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.checkpoint.exists():
         raise UsageError(f"{args.checkpoint}: no such checkpoint")
     train_cfg = T.train_config(args)
+    distributed.init(train_cfg.device)  # under torchrun: join the ranks; rank 0 alone claims --out
     resume = T.resume_path(args, args.out)
     in_place = T.resumes_in_place(resume, args.out)
-    with claim(args.out, NAME, inputs=(args.checkpoint, resume, args.data), in_place=in_place) as out:  # before any work
+    main = distributed.is_main()
+    claimed = claim(args.out, NAME, inputs=(args.checkpoint, resume, args.data), in_place=in_place) if main else None
+    with claimed or contextlib.nullcontext() as out:  # before any work (ddp: ranks > 0 write nothing)
         ft_extra: dict[str, object] = {}
         ignore = -1
         if args.data is None:
@@ -93,13 +99,17 @@ def run(args: argparse.Namespace) -> int:
             test = test if len(test) else None
             run_info = {"data": T.data_options(args), "inputs": start.record}
             ft_extra = {"data": {**T.data_options(args), **data.record}, "inputs": start.record}
-            _say_inputs(start.record, data.record)
-        with out.train_dir(in_place) as work, T.resume_errors(NAME, resume):
+            if main:
+                _say_inputs(start.record, data.record)
+        place = out.train_dir(in_place) if out is not None else contextlib.nullcontext(args.out)
+        with place as work, T.resume_errors(NAME, resume):
             res = finetune(encoder, train, work, train_cfg, task=task, num_outputs=outputs,
                            decoder=args.decoder, taps=args.taps, decoder_channels=args.decoder_channels,
                            adaptation=args.adapt, last_k=args.last_k or 0, label_fraction=args.label_fraction,
                            fraction_seed=args.fraction_seed, ignore_index=ignore, val_data=val, test_data=test,
                            resume=resume, run_info=run_info, source=str(args.checkpoint), ft_extra=ft_extra)
+    if out is None:
+        return 0
     if res.ft_path is None:
         print(f"stopped after epoch {res.train.epochs_done}; resume with --resume")
         return 0

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cka_geo import __version__
+from cka_geo import __version__, distributed
 from cka_geo.accumulator import CKAResult
 from cka_geo.bootstrap import bootstrap_ratio, jackknife_ratio
 from cka_geo.checkpoints import LoadedCheckpoint
@@ -177,6 +177,8 @@ def build_results(
         "bootstrap": opts.bootstrap if boot and method == "percentile" else 0,
         "confidence": opts.confidence,
         "interval_method": INTERVAL_METHODS[method] if boot else None,
+        "forward_precision": opts.forward_precision,
+        "ranks": distributed.world(),
         "noise_level": UNCHANGED_TOL,
         "degenerate_rule": DEGENERATE_RULE,
     }

@@ -45,7 +45,11 @@ def compare_checkpoints(
     """
     opts = dataclasses.replace(options or CompareOptions(), **kwargs)
     opts.validate()
-    device = resolve_device(opts.device)
+    from cka_geo import distributed
+
+    device = distributed.init(resolve_device(opts.device))  # cuda:LOCAL_RANK under torchrun
+    if not distributed.is_main():
+        opts = dataclasses.replace(opts, progress=False)  # rank 0 alone prints
     a, b = (_load_any(x, opts) for x in (pre, ft))
     if opts.num_heads is None:
         share_stored_heads(a, b)
@@ -116,13 +120,19 @@ def _say_plan(
     import math
     import sys
 
+    from cka_geo import distributed
+
     cfg = a.config
     model = f"{a.family} ViT, {getattr(cfg, 'depth', '?')} blocks, width {getattr(cfg, 'embed_dim', '?')}, {cfg.in_chans} bands"
     by = [k.replace("_", " ") for k, v in chosen.items() if v]
+    ranks = distributed.world()
+    where = str(device)
+    if ranks > 1:
+        where += f" x {ranks} ranks (batch i on rank i % {ranks}; progress of rank 0's batches)"
     dflt = f" ({' and '.join(by)}: {device.type.upper()} default)" if by else ""
     print(
         f"cka-geo compare: {model}; {n} images of {data} at {hw[0]}x{hw[1]} px in "
-        f"{math.ceil(n / batch)} batches of {batch}{dflt}; normalize {norm}; {len(names)} sublayers; device {device}",
+        f"{math.ceil(n / batch)} batches of {batch}{dflt}; normalize {norm}; {len(names)} sublayers; device {where}",
         file=sys.stderr,
         flush=True,
     )

@@ -30,6 +30,8 @@ MIN_INTERVAL_BATCHES = 10
 #: from 6 batches on in benchmarks/bench_intervals.py), the percentile bootstrap, or none.
 INTERVALS = ("jackknife-t", "percentile", "none")
 _OWN = "{}#own"
+#: Dtypes the forwards of a comparison may run in (``--forward-precision``).
+FORWARD_PRECISIONS = ("float32", "bf16")
 
 
 @dataclass
@@ -77,6 +79,10 @@ class CompareOptions:
         interval: ``"jackknife-t"`` (default: delete-one-batch jackknife standard error with
             a Student t quantile on batches - 1 dof), ``"percentile"`` (the percentile
             bootstrap) or ``"none"``; see :mod:`cka_geo.bootstrap` for their coverage.
+        forward_precision: ``"float32"`` (default) or ``"bf16"``: the forwards under bf16
+            autocast (faster on GPUs with bf16 units); the features are pooled in float32
+            and the grams and sums stay float32/float64. Its error against float32
+            forwards is stated in docs/distributed.md.
         progress: None (default): the plan line, then a progress bar on a terminal or
             plain lines (estimated total after the first batch, then every 10 % or 30 s)
             on any other stderr; True likewise; False: nothing on stderr.
@@ -108,6 +114,7 @@ class CompareOptions:
     image_size: int | tuple[int, int] | None = None
     bands: tuple[str, ...] | None = None
     normalize: str = "auto"
+    forward_precision: str = "float32"
 
     def validate(self) -> None:
         """Raise UsageError naming the first bad option."""
@@ -140,6 +147,8 @@ class CompareOptions:
 
         parse_size(self.image_size)
         check_preset(self.normalize)
+        if self.forward_precision not in FORWARD_PRECISIONS:
+            raise UsageError(f"--forward-precision {self.forward_precision!r}: choose from {', '.join(FORWARD_PRECISIONS)}")
         if self.bands is not None and not self.bands:
             raise UsageError("--bands needs at least one band name")
 

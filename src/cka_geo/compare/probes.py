@@ -118,20 +118,30 @@ def cut_batches(
         raise DataError(f"{path}: holds {total} images, fewer than --samples {n}")
     if n < min_samples(opts.estimator):
         raise DataError(f"{path}: holds {total} images; CKA needs at least {min_samples(opts.estimator)}")
+    from cka_geo import distributed
+    from cka_geo.compare.shard import owns
+
+    rank, world = distributed.rank(), distributed.world()
     if probes._array is not None:
-        source: Iterator[torch.Tensor] = iter(probes._array.split(batch_size))
-    else:
+        source: Iterator[torch.Tensor | None] = iter(probes._array.split(batch_size))
+    elif world == 1:
         from cka_geo.data.folders import iter_batches
 
         source = iter_batches(probes._folder, batch_size)
+    else:
+        source = _rank_folder_batches(probes, batch_size, n, rank, world)
     select = probes.select
 
     def take() -> Iterator[torch.Tensor]:
         left = n
-        for batch in source:
+        for i, got in enumerate(source):
             if left <= 0:
                 return
-            batch = batch[:left]
+            if got is None or not owns(i, rank, world):  # another rank's batch (torchrun): not read or scaled
+                yield torch.empty(0)
+                left -= batch_size
+                continue
+            batch = got[:left]
             if select is not None:
                 batch = batch[..., select, :, :]
             yield norm.apply(batch) if norm.name != "none" else batch
@@ -141,6 +151,32 @@ def cut_batches(
     if select is not None:
         shape[-3] = len(select)
     return take(), n, str(path), tuple(shape)
+
+
+def _rank_folder_batches(
+    probes: Probes, batch_size: int, n: int, rank: int, world: int
+) -> Iterator[torch.Tensor | None]:
+    """A folder's batches under torchrun: this rank's read, the others' None (never read)."""
+    from torch.utils.data import Subset
+
+    from cka_geo.compare.shard import owns
+    from cka_geo.data.folders import iter_batches
+
+    ds = probes._folder
+    files = list(getattr(ds, "files", []) or [])
+    for i, start in enumerate(range(0, n, batch_size)):
+        if not owns(i, rank, world):
+            yield None
+            continue
+        end = min(start + batch_size, n)
+        part = Subset(ds, range(start, end))
+        part.files = files[start:end]  # type: ignore[attr-defined]  # iter_batches names them
+        batch = next(iter_batches(part, batch_size))
+        if tuple(batch.shape[1:]) != tuple(probes.shape):
+            first = files[0] if files else "the first image"
+            raise DataError(f"{files[start] if files else f'item {start}'} has shape {tuple(batch.shape[1:])} "
+                            f"but {first} has {tuple(probes.shape)}: all images of a probe set must have one size")
+        yield batch
 
 
 def _embedded(

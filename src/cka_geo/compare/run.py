@@ -11,9 +11,12 @@ from typing import Any
 
 import torch
 
+from cka_geo import distributed
 from cka_geo.accumulator import CKAResult, MinibatchCKA
 from cka_geo.budget import CKAWorkload, batches_for, check_fits
 from cka_geo.compare.options import _OWN, CompareOptions
+from cka_geo.compare.shard import ShardCKA, merge, owns, shard_images
+from cka_geo.errors import UsageError
 from cka_geo.features import capture, forward_batch, sublayer_map
 
 
@@ -93,34 +96,61 @@ def run_cka(
     fine-tuned sublayer applied to the pretrained model's input when ``opts.own_change``.
     With ``timings`` (for benchmarks), seconds spent in forward passes and in CKA are added
     to its ``"forward"`` and ``"cka"`` keys (the device is synchronised around each step).
+
+    Under ``torchrun`` (:mod:`cka_geo.distributed` initialised) each rank takes batches
+    ``i % world == rank``, and every rank returns the same result: all batches' terms
+    summed in batch order (:mod:`cka_geo.compare.shard`). An error on any rank is raised on
+    every rank (:class:`~cka_geo.distributed.PeerFailed` on the others).
     """
     clock = _Clock(timings, next(model_pre.parameters()).device)
     paths_ft = sublayer_map(model_ft)
     apply = {n: model_ft.get_submodule(paths_ft[n]) for n in names} if opts.own_change else None
-    acc = MinibatchCKA(kernel=opts.kernel, estimator=opts.estimator, rbf_frac=opts.rbf_frac)
     full_batch = opts.estimator == "biased"
+    # torchrun: batch i is computed by rank i % world, the terms merged in batch order
+    # (cka_geo.compare.shard); one process takes every batch.
+    rank, world = distributed.rank(), distributed.world()
+    if world > 1 and full_batch:
+        raise UsageError("--estimator biased puts every sample in one batch, which cannot be shared "
+                         f"across {world} ranks; run it in one process (without torchrun)")
+    kind = ShardCKA if world > 1 else MinibatchCKA
+    acc = kind(kernel=opts.kernel, estimator=opts.estimator, rbf_frac=opts.rbf_frac)
     held_a: list[dict[str, torch.Tensor]] = []
     held_b: list[dict[str, torch.Tensor]] = []
     time_series = False
-    with (
-        capture(model_pre, names, pooling=opts.pooling, apply=apply) as cap_pre,
-        capture(model_ft, names, pooling=opts.pooling) as cap_ft,
-        _progress(total, opts.progress) as bar,
-    ):
-        for x in batches:
-            time_series = time_series or x.ndim == 5
-            with clock("forward"):
-                pre = forward_batch(model_pre, x, cap_pre, time_mode=opts.time_mode)
-                ft = forward_batch(model_ft, x, cap_ft, time_mode=opts.time_mode)
-            cols = dict(ft.features)
-            cols.update({_OWN.format(n): f for n, f in pre.applied.items()})
-            if full_batch:
-                held_a.append(pre.features)
-                held_b.append(cols)
-            else:
-                with clock("cka"):
-                    acc.update(pre.features, cols)
-            bar.update(x.shape[0])
+    autocast = _forward_precision(opts, next(model_pre.parameters()).device)
+    failure: Exception | None = None
+    try:
+        with (
+            capture(model_pre, names, pooling=opts.pooling, apply=apply) as cap_pre,
+            capture(model_ft, names, pooling=opts.pooling) as cap_ft,
+            _progress(shard_images(total, opts.batch_size or total, rank, world), opts.progress) as bar,
+        ):
+            for i, x in enumerate(batches):
+                if not owns(i, rank, world):
+                    continue
+                time_series = time_series or x.ndim == 5
+                with clock("forward"), autocast():
+                    pre = forward_batch(model_pre, x, cap_pre, time_mode=opts.time_mode)
+                    ft = forward_batch(model_ft, x, cap_ft, time_mode=opts.time_mode)
+                cols = dict(ft.features)
+                cols.update({_OWN.format(n): f for n, f in pre.applied.items()})
+                if full_batch:
+                    held_a.append(pre.features)
+                    held_b.append(cols)
+                else:
+                    with clock("cka"):
+                        if isinstance(acc, ShardCKA):
+                            acc.batch = i
+                        acc.update(pre.features, cols)
+                bar.update(x.shape[0])
+    except Exception as exc:  # sent to the other ranks, then raised here
+        if world == 1:
+            raise
+        failure = exc
+    if isinstance(acc, ShardCKA):
+        parts = distributed.gather({**acc.payload(), "time_series": time_series}, failure)
+        time_series = any(p["time_series"] for p in parts)
+        acc = merge(parts, acc)
     with clock("cka"):
         if full_batch:
             acc.update(
@@ -174,6 +204,17 @@ def check_memory(
     if per_image > 1:
         what += f" ({per_image} rows per image: --pooling {opts.pooling} / --time-mode {opts.time_mode})"
     check_fits(work, device, what)
+
+
+def _forward_precision(opts: CompareOptions, device: torch.device) -> Any:
+    """A context for the forwards: bf16 autocast with ``forward_precision="bf16"``, else nothing.
+
+    Only the forwards change: the captured features are pooled in float32 and the grams and
+    sums are float32/float64 as in a float32 run.
+    """
+    if opts.forward_precision == "bf16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 class _Clock:

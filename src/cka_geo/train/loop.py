@@ -21,6 +21,9 @@ bit-identical (on CPU) to an uninterrupted run. Callbacks run isolated (see
 :mod:`cka_geo.train.callbacks`), so observing the model changes nothing.
 
 Progress goes to a tqdm bar on stderr, shown only when stderr is a terminal.
+
+Under ``torchrun`` the model trains with DistributedDataParallel on shares of the same
+global batches, rank 0 writing (the hooks marked ``ddp`` below; :mod:`cka_geo.train.ddp`).
 """
 
 from __future__ import annotations
@@ -42,8 +45,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from cka_geo import distributed
 from cka_geo.atomic import atomic_path, write_text_atomic
 from cka_geo.errors import CheckpointError, CkaGeoError, DataError, UsageError
+from cka_geo.train import ddp
 from cka_geo.train.callbacks import TrainContext, as_callbacks
 
 CHECKPOINT_FORMAT = "cka-geo-train/1"
@@ -341,7 +346,10 @@ def fit(
     total_steps = cfg.epochs * steps_per_epoch
     from cka_geo.devices import resolve_device
 
-    device = resolve_device(cfg.device)
+    device = distributed.init(resolve_device(cfg.device))  # ddp: cuda:LOCAL_RANK under torchrun
+    ddp.check_batch_size(cfg.batch_size)  # ddp: the global batch, shared evenly
+    if not distributed.is_main():  # ddp: rank 0 alone writes
+        out = None
     config = stored_config(cfg, run_config)
     ckpt = None
     if resume is not None:
@@ -354,7 +362,7 @@ def fit(
         recipe.set_drop_path(model, cfg.drop_path)
     opt = make_optimizer(model, cfg)
     scaler = recipe.grad_scaler(cfg.precision, device)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(ddp.rank_seed(cfg.seed))  # ddp: cfg.seed on rank 0
     history: dict[str, list[dict[str, Any]]] = {"epochs": [], "steps": []}
     start_epoch, step = 0, 0
 
@@ -362,7 +370,7 @@ def fit(
         try:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
-            gen.set_state(ckpt["rng"]["generator"])
+            ddp.restore_generator(gen, ckpt["rng"])  # ddp: this rank's state
             _set_rng_state(ckpt["rng"])
             if "scaler" in ckpt:
                 scaler.load_state_dict(ckpt["scaler"])
@@ -371,6 +379,7 @@ def fit(
             raise CheckpointError(f"{resume}: the checkpoint does not fit this run's model ({reason})") from None
         start_epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
 
+    step_fn = ddp.wrap(model, device)  # ddp: DistributedDataParallel under torchrun, else training_step
     ctx = TrainContext(model=model, encoder=getattr(model, "encoder", None), step=step,
                        epoch=start_epoch, epochs=cfg.epochs, out_dir=out)
 
@@ -384,7 +393,7 @@ def fit(
 
     from tqdm.auto import tqdm
 
-    show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
+    show = (sys.stderr.isatty() if cfg.progress is None else cfg.progress) and distributed.is_main()
     bar = tqdm(total=(cfg.epochs - start_epoch) * steps_per_epoch, file=sys.stderr, disable=not show,
                desc="train", dynamic_ncols=True, leave=False)
     last_path: Path | None = None
@@ -404,15 +413,17 @@ def fit(
                 step_loss = 0.0
                 for j in range(0, len(idx), cfg.batch_size):  # one micro-batch unless accum_steps > 1
                     micro = idx[j : j + cfg.batch_size]
-                    batch = to_device(_collate(train_data, micro), device)
+                    rows, weight = ddp.local_rows(micro)  # ddp: this rank's share of the micro-batch
+                    batch = to_device(_collate(train_data, rows), device)
                     with recipe.autocast(cfg.precision, device):
-                        loss, logs = getattr(model, "training_step")(batch, gen)  # noqa: B009
-                    if not torch.isfinite(loss):
-                        raise CkaGeoError(f"loss became {float(loss)} at step {step} (epoch {epoch}); "
+                        loss, logs = step_fn(batch, gen)
+                    value = ddp.global_loss(loss, weight)  # ddp: the micro-batch's mean, on every rank
+                    if not math.isfinite(value):
+                        raise CkaGeoError(f"loss became {value} at step {step} (epoch {epoch}); "
                                           "lower the learning rate")
-                    share = len(micro) / len(idx)
+                    share = len(micro) / len(idx) * weight  # accumulation share x ddp: share of the batch
                     scaler.scale(loss if share == 1 else loss * share).backward()
-                    step_loss += float(loss.detach()) * share
+                    step_loss += value * len(micro) / len(idx)
                 if cfg.grad_clip:
                     scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
@@ -420,7 +431,7 @@ def fit(
                 scaler.update()
                 step += 1
                 losses.append(step_loss)
-                logs = {**logs, "loss": step_loss} if cfg.accum_steps > 1 else logs
+                logs = {**logs, "loss": step_loss} if "loss" in logs else logs
                 ctx.step, ctx.loss, ctx.logs = step, losses[-1], {**logs, "lr": lr}
                 if step % cfg.log_every == 0:
                     history["steps"].append({"step": step, "epoch": epoch, "lr": lr, **logs})
@@ -438,10 +449,11 @@ def fit(
                     cb.on_epoch_end(ctx)
             history["epochs"].append(record)
             epochs_done = epoch + 1
+            gens = ddp.generator_states(gen)  # ddp: a collective, on every rank
             if out is not None:
                 write_metrics(out, history)
                 last_path = _save(out, epochs_done, step, model, opt, gen, config, history, cfg.keep_checkpoints,
-                                  scaler)
+                                  scaler, gens)
             if cfg.stop_after_epoch is not None and epochs_done >= cfg.stop_after_epoch and epochs_done < cfg.epochs:
                 break
     finally:
@@ -460,7 +472,7 @@ def fit(
 
 def _save(out: Path, epochs_done: int, step: int, model: nn.Module, opt: torch.optim.Optimizer,
           gen: torch.Generator, config: dict[str, Any], history: dict[str, Any], keep: int | None,
-          scaler: torch.amp.GradScaler | None = None) -> Path:
+          scaler: torch.amp.GradScaler | None = None, gens: list[torch.Tensor] | None = None) -> Path:
     ckpt: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
@@ -468,7 +480,8 @@ def _save(out: Path, epochs_done: int, step: int, model: nn.Module, opt: torch.o
         "config": config,
         "epoch": epochs_done,
         "step": step,
-        "rng": {**_rng_state(), "generator": gen.get_state()},
+        "rng": {**_rng_state(), "generator": gen.get_state(),
+                **({"generator_ranks": gens} if gens is not None else {})},  # ddp: every rank's
         "history": history,
     }
     if scaler is not None and scaler.is_enabled():

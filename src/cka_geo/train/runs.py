@@ -23,6 +23,7 @@ from typing import Any, cast
 import torch
 from torch.utils.data import Subset
 
+from cka_geo import distributed
 from cka_geo.atomic import write_text_atomic
 from cka_geo.errors import CheckpointError
 from cka_geo.models.vit import VisionTransformer, ViTConfig
@@ -202,7 +203,10 @@ def finetune(
                   "train_samples": len(indices)}
     if resume is not None:  # refuse a mismatch before pre.pt is written
         check_resume(load_train_checkpoint(resume), stored_config(cfg, run_config), resume)
-    pre_path = save_checkpoint(out / "pre.pt", encoder, encoder.cfg, extra={"kind": "pre", "source": source})
+    main = distributed.is_main()  # ddp: under torchrun rank 0 alone writes (every rank evaluates)
+    pre_path = out / "pre.pt"
+    if main:
+        save_checkpoint(pre_path, encoder, encoder.cfg, extra={"kind": "pre", "source": source})
     val_fn = (lambda m: evaluate(m, val_data, cfg.batch_size)) if val_data is not None else None
     res = fit(model, data, cfg, out, val_fn=val_fn, callbacks=callbacks, resume=resume, run_config=run_config)
     result = FinetuneResult(pre_path, None, res, train_indices=indices)
@@ -211,7 +215,10 @@ def finetune(
     for name, ds in (("val", val_data), ("test", test_data)):
         if ds is not None:
             result.metrics[name] = evaluate(model, ds, cfg.batch_size)
-    result.ft_path = save_checkpoint(out / "ft.pt", model.encoder, encoder.cfg, extra={
+    result.ft_path = out / "ft.pt"
+    if not main:
+        return result
+    save_checkpoint(result.ft_path, model.encoder, encoder.cfg, extra={
         "kind": "ft",
         "task_head": {"config": model.config(), "state_dict": model.head_state()},
         "label_fraction": label_fraction,
