@@ -306,3 +306,33 @@ def test_shards_split_the_cells_and_the_last_one_aggregates_frozen_cells_left_ou
         assert (rows[view]["counted"], rows[view]["unchanged"]) == ("2", "2")
     frozen = [r for r in _rows(out / "aggregate" / "cells.csv") if r["adaptation"] == "frozen"]
     assert all(r["most_changed_kind_same"] == "" and float(r["mean_change_fc1_same"]) == 0 for r in frozen)
+
+
+def test_a_task_on_a_users_class_folders_trains_there_and_compares_on_its_test_split(tmp_path):
+    """A ``data`` task: finetune --data's rules, and compare probes from that data's test split."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "eurosat"
+    for c, name in enumerate(("forest", "sea")):
+        (root / name).mkdir(parents=True)
+        for i in range(12):
+            img = rng.normal(0.0, 1.0, (13, 32, 32)).astype(np.float32) + 2.0 * c
+            np.save(root / name / f"{i}.npy", img)
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(MINI.replace('[tasks.cover]\ntask = "classification"',
+                                f'[tasks.mine]\ntask = "classification"\ndata = "{root}"')
+                       .replace('seeds = [0, 1]', 'seeds = [0]').replace('"full", "frozen"', '"full"'))
+    out = tmp_path / "o"
+    assert main(["study", str(cfg), "--out", str(out), "--threads", "1", "--device", "cpu", "--no-figures"]) == 0
+    (cell,) = (out / "cells").iterdir()
+    info = json.loads((cell / "cell.json").read_text())
+    res = json.loads((cell / "compare" / "results.json").read_text())
+    assert info["primary_metric"] == "accuracy" and 0.0 <= info["test"]["accuracy"] <= 1.0
+    assert res["settings"]["normalize"]["name"] == "none"  # the split's images, already normalised
+    assert "probes.npy" in res["settings"]["data"]
+    assert 3 <= res["settings"]["samples"] < 24  # the held-out test images only (seeded split)
+    assert not (cell / "probes.npy").exists()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(MINI.replace('task = "classification"', 'task = "multilabel"'))
+    assert main(["study", str(bad), "--out", str(tmp_path / "o3")]) == 2

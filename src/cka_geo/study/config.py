@@ -19,7 +19,7 @@ from cka_geo.errors import UsageError
 BUILTINS = ("mae", "simclr", "random")
 """``builtin:NAME`` encoders the study makes itself on the embedded tiles (random: no training)."""
 
-TASKS = ("segmentation", "classification", "regression")
+TASKS = ("segmentation", "classification", "regression", "multilabel")  # multilabel: user data only
 DECODERS = ("linear", "upernet", "progressive")
 PROBE_TASKS = ("classification", "regression")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -250,6 +250,8 @@ def _task(c: _Checker, name: str, raw: Any, base: Path) -> TaskSpec:
         data = str(d if d.is_absolute() else base / d)
     elif layout is not None:
         raise c.fail(f"{key}.layout", "given without data")
+    elif task == "multilabel":
+        raise c.fail(f"{key}.task", "multilabel needs data (the embedded tiles have no multi-label targets)")
     return TaskSpec(name, task, data, layout)
 
 

@@ -46,7 +46,7 @@ from cka_geo.study.grid import Cell, expand, shard
 
 SCHEMA = "cka-geo/study/v1"
 TOP_NAMES = {"study.json", "config.toml", "encoders", "cells", "aggregate"}
-PRIMARY = {"segmentation": "miou", "classification": "accuracy", "regression": "r2"}
+PRIMARY = {"segmentation": "miou", "classification": "accuracy", "regression": "r2", "multilabel": "map"}
 """The task metric that ranks encoders (higher is better for each)."""
 CELL_FILES = ("finetune/pre.pt", "finetune/ft.pt", "evaluate.json", "compare/results.json")
 
@@ -184,13 +184,17 @@ def _make_builtin(enc: EncoderSpec, folder: Path, device: str) -> tuple[Path, di
 
 def _probe(cfg: StudyConfig, checkpoint: Path, folder: Path, device: str, trust: bool) -> dict[str, Any]:
     """The probe command's code on ``checkpoint``; writes probe.json/csv; returns the summary."""
+    from cka_geo.commands import probe as probe_module
     from cka_geo.commands.probe import _probe as probe_command
     from cka_geo.probing import write_probe
 
     p = cfg.probe
-    args = argparse.Namespace(checkpoint=checkpoint, trust_checkpoint=trust, prefix=None, tile_size=None,
-                              task=p["task"], batch_size=p["batch_size"], sublayers=list(p["sublayers"]),
-                              pooling="mean", cv_folds=p["cv_folds"])
+    # every option at the probe command's own default, then the study's settings
+    parser = argparse.ArgumentParser()
+    probe_module.add_arguments(parser)
+    args = parser.parse_args([str(checkpoint)])
+    vars(args).update(checkpoint=checkpoint, trust_checkpoint=trust, task=p["task"], batch_size=p["batch_size"],
+                      sublayers=list(p["sublayers"]), pooling="mean", cv_folds=p["cv_folds"])
     result = probe_command(args, device)
     write_probe(result, folder, figure=False)
     return {"best": result.best, "best_metric": result.best_metric, "last": result.last,
@@ -228,12 +232,31 @@ def _datasets(task: TaskSpec, size: int, bands: int, stride: int, checkpoint: Pa
     """Train, val and test data of a task at the encoder's size and bands."""
     from cka_geo.commands import _training as T
 
-    if task.data is not None:
-        raise UsageError(f"tasks.{task.name}.data: this version of cka-geo finetune trains on the embedded tiles only; "
-                         "drop data/layout to use them")
     return (T.embedded("train", task.task, size, bands, stride=stride, checkpoint=checkpoint),
             T.embedded("val", task.task, size, bands, checkpoint=checkpoint),
             T.embedded("test", task.task, size, bands, checkpoint=checkpoint))
+
+
+def _user_task(task: TaskSpec, pre: Path, trust: bool) -> tuple[Any, Any, Any, Any, Any]:
+    """A ``data`` task: encoder adapted to the data (finetune --data's rules), splits, the data."""
+    from cka_geo.data.layouts import open_user_data
+    from cka_geo.train.start import prepare_start
+
+    data = open_user_data(task.data, task=task.task, layout=task.layout or "auto")  # type: ignore[arg-type]
+    start = prepare_start(pre, data, trust=trust)
+    s = start.splits
+    return start.encoder, s["train"], (s["val"] if len(s["val"]) else None), s["test"], data
+
+
+def _probe_array(test: Any, path: Path) -> str:
+    """The test split's images, as the model sees them, in one (N, C, H, W) .npy for compare."""
+    import numpy as np
+    import torch
+
+    if not len(test):
+        raise UsageError(f"{path.parent}: the test split is empty; compare needs held-out images")
+    np.save(path, torch.stack([test[i][0] for i in range(len(test))]).float().numpy())
+    return str(path)
 
 
 def run_cell(cfg: StudyConfig, cell: Cell, out: Path, pre: Path, device: str) -> dict[str, Any]:
@@ -250,13 +273,20 @@ def run_cell(cfg: StudyConfig, cell: Cell, out: Path, pre: Path, device: str) ->
     times: dict[str, float] = {}
     with atomic_dir(final) as tmp:
         t = time.perf_counter()
-        encoder = load_encoder(pre, trust=cell.encoder.trust)
-        size, bands = T.square_size(encoder.cfg, pre), int(encoder.cfg.in_chans)
-        train, val, test = _datasets(cell.task, size, bands, tr["stride"] or max(1, size // 2), pre)
+        probes: dict[str, Any] = {"samples": cp["samples"]}
+        if cell.task.data is None:
+            encoder = load_encoder(pre, trust=cell.encoder.trust)
+            size, bands = T.square_size(encoder.cfg, pre), int(encoder.cfg.in_chans)
+            train, val, test = _datasets(cell.task, size, bands, tr["stride"] or max(1, size // 2), pre)
+            task, outputs, ignore = cell.task.task, train.num_classes or 1, -1
+        else:  # a user's dataset: compare on its test split, as the model sees it
+            encoder, train, val, test, data = _user_task(cell.task, pre, cell.encoder.trust)
+            task, outputs, ignore = data.task, data.num_outputs, data.ignore_index
+            probes = {"data": _probe_array(test, tmp / "probes.npy"), "normalize": "none", "samples": None}
         tcfg = TrainConfig(epochs=tr["epochs"], batch_size=tr["batch_size"], lr=tr["lr"], weight_decay=tr["weight_decay"],
                            warmup_steps=tr["warmup_steps"], seed=cell.seed, progress=False, device=device)
         adaptation, last_k = cell.mode
-        res = finetune(encoder, train, tmp / "finetune", tcfg, task=cell.task.task, num_outputs=train.num_classes or 1,
+        res = finetune(encoder, train, tmp / "finetune", tcfg, task=task, num_outputs=outputs, ignore_index=ignore,
                        decoder=cell.decoder, decoder_channels=tr["decoder_channels"], adaptation=adaptation,
                        last_k=last_k, label_fraction=cell.label_fraction, fraction_seed=cell.seed,
                        val_data=val, test_data=test, source=str(pre))
@@ -270,15 +300,16 @@ def run_cell(cfg: StudyConfig, cell: Cell, out: Path, pre: Path, device: str) ->
                                                         "task": model.task, **metrics}))
         times["evaluate_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        r = compare_checkpoints(res.pre_path, res.ft_path, device=device, samples=cp["samples"],
+        r = compare_checkpoints(res.pre_path, res.ft_path, device=device, **probes,
                                 batch_size=cp["batch_size"], seed=cell.seed, bootstrap=cp["bootstrap"],
                                 sublayers=tuple(cp["sublayers"]), progress=False)
         for record in r["checkpoints"].values():  # where the files will be, not the temporary folder
             record["path"] = str(final / Path(record["path"]).relative_to(tmp))
         write_results(r, tmp / "compare")
+        (tmp / "probes.npy").unlink(missing_ok=True)
         times["compare_s"] = time.perf_counter() - t
         info: dict[str, Any] = {"spec": cell_spec(cfg, cell), "test": metrics,
-                                "primary_metric": PRIMARY[cell.task.task],
+                                "primary_metric": PRIMARY[task],
                                 "train_samples": len(res.train_indices), "summary": r["summary"]}
         if cfg.probe["enabled"]:
             t = time.perf_counter()

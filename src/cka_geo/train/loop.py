@@ -33,13 +33,12 @@ import csv
 import io
 import json
 import math
-import random
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +49,7 @@ from cka_geo.atomic import atomic_path, write_text_atomic
 from cka_geo.errors import CheckpointError, CkaGeoError, DataError, UsageError
 from cka_geo.train import ddp
 from cka_geo.train.callbacks import TrainContext, as_callbacks
+from cka_geo.train.rng import _rng_state, _set_rng_state, seed_everything
 
 CHECKPOINT_FORMAT = "cka-geo-train/1"
 
@@ -146,13 +146,6 @@ class TrainResult:
     checkpoint: Path | None = None
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python's ``random``, numpy's global RNG and torch's."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def get_lr(step: int, total_steps: int, cfg: TrainConfig) -> float:
     """Learning rate at ``step``: linear warm-up, then cosine from ``lr`` to ``lr·min_lr_ratio``."""
     if step < cfg.warmup_steps:
@@ -178,29 +171,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
-
-
-def _rng_state() -> dict[str, Any]:
-    name, key, pos, has_gauss, cached = cast(tuple, np.random.get_state())
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @contextlib.contextmanager
