@@ -86,11 +86,12 @@ def describe_checkpoints(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def to_csv(results: Mapping[str, Any]) -> str:
-    """One row per sublayer: name, block, kind, CKA with interval, own change, weight change."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["layer", "block", "kind", "cka", "cka_lo", "cka_hi", "own_cka", "own_lo", "own_hi", "weight_rel_change"])
+CSV_COLUMNS = ("layer", "block", "kind", "cka", "cka_lo", "cka_hi", "own_cka", "own_lo", "own_hi", "weight_rel_change")
+"""Columns of ``results.csv``, one row per sublayer."""
+
+
+def csv_rows(results: Mapping[str, Any]) -> list[list[Any]]:
+    """The rows of ``results.csv`` (as :data:`CSV_COLUMNS`; empty cells for undefined values)."""
     own = results.get("own_change") or {}
     own_iv = results.get("own_change_intervals") or {}
     ivs = results.get("intervals") or {}
@@ -99,13 +100,23 @@ def to_csv(results: Mapping[str, Any]) -> str:
     def cell(v: float | None) -> str:
         return "" if v is None or (isinstance(v, float) and math.isnan(v)) else repr(float(v))
 
+    rows = []
     for name, kind in zip(results["layers"], results["kinds"], strict=True):
         iv = ivs.get(name) or [None, None]
         oiv = own_iv.get(name) or [None, None]
-        w.writerow(
+        rows.append(
             [name, block_of(name), kind, cell(results["diagonal"].get(name)), cell(iv[0]), cell(iv[1]),
              cell(own.get(name)), cell(oiv[0]), cell(oiv[1]), cell(wch.get(name))]
         )
+    return rows
+
+
+def to_csv(results: Mapping[str, Any]) -> str:
+    """One row per sublayer: name, block, kind, CKA with interval, own change, weight change."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    w.writerows(csv_rows(results))
     return buf.getvalue()
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,8 @@ from cka_geo.compare.build import build_results, share_stored_heads
 from cka_geo.compare.inputs import at_size, device_defaults, native_hw, parse_size
 from cka_geo.compare.options import CompareOptions, resolve_device
 from cka_geo.compare.probes import cut_batches, open_probes
-from cka_geo.compare.run import check_memory, run_cka
+from cka_geo.compare.run import check_memory, run_many
+from cka_geo.errors import ArchitectureMismatchError, UsageError
 from cka_geo.features import resolve_sublayers
 from cka_geo.results import CompareResult
 
@@ -43,18 +46,56 @@ def compare_checkpoints(
         CkaGeoError: Bad options, unreadable or refused checkpoints, different
             architectures, probe data that does not fit the model, non-finite features.
     """
+    return compare_many(pre, [ft], options, **kwargs)[0]
+
+
+def compare_many(
+    pre: str | Path | nn.Module | dict,
+    fts: Sequence[str | Path | nn.Module | dict],
+    options: CompareOptions | None = None,
+    **kwargs: Any,
+) -> list[CompareResult]:
+    """Compare one pretrained checkpoint with several fine-tuned ones of its architecture.
+
+    Each probe batch goes once through the pretrained model and is shared by every
+    fine-tuned one (:func:`~cka_geo.compare.run.run_many`); each result equals, bit for
+    bit, that of :func:`compare_checkpoints` of ``pre`` and that fine-tune alone with the
+    same options. Memory is flat in the number of samples and grows linearly in the number
+    of fine-tunes (one model, its features and its per-batch terms each).
+
+    Args:
+        pre: The pretrained checkpoint, as for :func:`compare_checkpoints`.
+        fts: The fine-tuned checkpoints (at least one), likewise.
+        options: A :class:`CompareOptions`; keyword arguments override its fields.
+
+    Returns:
+        One :class:`~cka_geo.results.CompareResult` per fine-tune, in the order given.
+
+    Raises:
+        CkaGeoError: As :func:`compare_checkpoints`; a fine-tune of another architecture
+            than ``pre`` is refused naming it, with a hint to ``--cross``.
+    """
+    if not fts:
+        raise UsageError("compare needs at least one fine-tuned checkpoint")
     opts = dataclasses.replace(options or CompareOptions(), **kwargs)
     opts.validate()
     device = resolve_device(opts.device)
-    a, b = (_load_any(x, opts) for x in (pre, ft))
-    if opts.num_heads is None:
-        share_stored_heads(a, b)
-    pair = check_pair(a, b)
+    a = _load_any(pre, opts)
+    bs = [_load_any(x, opts) for x in fts]
+    pairs = []
+    for b in bs:
+        if opts.num_heads is None:
+            share_stored_heads(a, b)
+        pairs.append(_check_pair(a, b))
     bands = int(a.config.in_chans)
     probes = open_probes(opts, bands)
     hw = parse_size(opts.image_size) or probes.hw or native_hw(a)
     what = f"{opts.data} (--data)" if opts.data and opts.image_size is None else "--image-size"
-    resample = at_size(a, b, hw, what)
+    resample = at_size(a, bs[0], hw, what)
+    for b in bs[1:]:
+        with warnings.catch_warnings():  # said once, for the first pair
+            warnings.simplefilter("ignore", RuntimeWarning)
+            at_size(a, b, hw, what)
     n, batch_size = device_defaults(device, opts.samples, opts.batch_size, probes.total)
     chosen = {"samples": opts.samples is None and probes.total is None, "batch_size": opts.batch_size is None}
     opts = dataclasses.replace(opts, batch_size=batch_size)
@@ -62,26 +103,39 @@ def compare_checkpoints(
 
     norm = resolve(opts.normalize, bands, probes.band_names, embedded=probes.path is None, raw=probes.raw)
     model_pre = build_model(a, device=device)
-    model_ft = build_model(b, device=device)
+    models_ft = [build_model(b, device=device) for b in bs]
     if opts.names:
         names = resolve_sublayers(model_pre, list(opts.names))
     else:
         names = resolve_sublayers(model_pre, kinds=tuple(opts.sublayers))
     batches, n, data_desc, shape = cut_batches(probes, opts, n, batch_size, hw, norm)
-    check_memory(model_pre, names, shape, opts, n, device)
+    check_memory(model_pre, names, shape, opts, n, device, runs=len(bs))
     if opts.progress is not False:
-        _say_plan(a, names, n, batch_size, hw, device, data_desc, norm.name, chosen)
-    result = run_cka(model_pre, model_ft, names, batches, opts, n)
-    out = build_results(result, names, opts, a, b, pair, data_desc, device)
-    out.settings.update({
-        "image_size": [hw[0], hw[1]],
-        "native_image_size": list(native_hw(a)),
-        "pos_embed_resample": resample,
-        "bands": list(probes.band_names) if probes.band_names else None,
-        "normalize": norm.record(),
-        "defaults_by_device": {k: v for k, v in chosen.items() if v} or None,
-    })
-    return out
+        _say_plan(a, names, n, batch_size, hw, device, data_desc, norm.name, chosen, runs=len(bs))
+    results = run_many(model_pre, models_ft, names, batches, opts, n)
+    outs = []
+    for result, b, pair in zip(results, bs, pairs, strict=True):
+        out = build_results(result, names, opts, a, b, pair, data_desc, device)
+        out.settings.update({
+            "image_size": [hw[0], hw[1]],
+            "native_image_size": list(native_hw(a)),
+            "pos_embed_resample": resample,
+            "bands": list(probes.band_names) if probes.band_names else None,
+            "normalize": norm.record(),
+            "defaults_by_device": {k: v for k, v in chosen.items() if v} or None,
+        })
+        outs.append(out)
+    return outs
+
+
+def _check_pair(a: LoadedCheckpoint, b: LoadedCheckpoint) -> Any:
+    """:func:`check_pair`, its refusal of two architectures hinting at ``--cross``."""
+    try:
+        return check_pair(a, b)
+    except ArchitectureMismatchError as exc:
+        raise ArchitectureMismatchError(
+            f"{exc}; to compare two architectures layer against layer use --cross (compare_cross)"
+        ) from None
 
 
 def compare_models(
@@ -110,7 +164,7 @@ def _load_any(x: Any, opts: CompareOptions) -> LoadedCheckpoint:
 
 def _say_plan(
     a: LoadedCheckpoint, names: list[str], n: int, batch: int, hw: tuple[int, int],
-    device: Any, data: str, norm: str, chosen: dict[str, bool],
+    device: Any, data: str, norm: str, chosen: dict[str, bool], runs: int = 1,
 ) -> None:
     """One stderr line: what the run will do (model, samples, batches, size, device)."""
     import math
@@ -122,7 +176,8 @@ def _say_plan(
     dflt = f" ({' and '.join(by)}: {device.type.upper()} default)" if by else ""
     print(
         f"cka-geo compare: {model}; {n} images of {data} at {hw[0]}x{hw[1]} px in "
-        f"{math.ceil(n / batch)} batches of {batch}{dflt}; normalize {norm}; {len(names)} sublayers; device {device}",
+        f"{math.ceil(n / batch)} batches of {batch}{dflt}; normalize {norm}; {len(names)} sublayers; device {device}"
+        + (f"; {runs} fine-tuned checkpoints, the pretrained forward shared" if runs > 1 else ""),
         file=sys.stderr,
         flush=True,
     )

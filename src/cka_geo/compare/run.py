@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -93,46 +93,92 @@ def run_cka(
     fine-tuned sublayer applied to the pretrained model's input when ``opts.own_change``.
     With ``timings`` (for benchmarks), seconds spent in forward passes and in CKA are added
     to its ``"forward"`` and ``"cka"`` keys (the device is synchronised around each step).
+    It is :func:`run_many` with one fine-tuned model.
+    """
+    return run_many(model_pre, [model_ft], names, batches, opts, total, timings)[0]
+
+
+def run_many(
+    model_pre: torch.nn.Module,
+    models_ft: Sequence[torch.nn.Module],
+    names: list[str],
+    batches: Iterator[torch.Tensor],
+    opts: CompareOptions,
+    total: int,
+    timings: dict[str, float] | None = None,
+) -> list[CKAResult]:
+    """:func:`run_cka` of one pretrained model against several fine-tuned ones at once.
+
+    Each batch goes once through the pretrained model, whatever the number of fine-tuned
+    models: its features (and, with ``opts.own_change``, every fine-tuned model's sublayers
+    applied to its inputs, one capture per fine-tuned model on the same forward pass) are
+    shared by all of them. Each fine-tuned model has its own accumulator fed exactly what a
+    two-model run feeds it, so each result equals that of :func:`run_cka` bit for bit.
+
+    Memory: the per-batch features of every run are held during a batch, and each run
+    keeps its own per-batch terms (for the intervals): both grow linearly in the number of
+    runs; nothing grows with the number of samples (unbiased estimator).
     """
     clock = _Clock(timings, next(model_pre.parameters()).device)
-    paths_ft = sublayer_map(model_ft)
-    apply = {n: model_ft.get_submodule(paths_ft[n]) for n in names} if opts.own_change else None
-    acc = MinibatchCKA(kernel=opts.kernel, estimator=opts.estimator, rbf_frac=opts.rbf_frac)
+    applies: list[dict[str, Any] | None] = [None]  # without own change one capture serves all
+    if opts.own_change:
+        applies = []
+        for model_ft in models_ft:
+            paths_ft = sublayer_map(model_ft)
+            applies.append({n: model_ft.get_submodule(paths_ft[n]) for n in names})
+    accs = [MinibatchCKA(kernel=opts.kernel, estimator=opts.estimator, rbf_frac=opts.rbf_frac) for _ in models_ft]
     full_batch = opts.estimator == "biased"
     held_a: list[dict[str, torch.Tensor]] = []
-    held_b: list[dict[str, torch.Tensor]] = []
+    held_b: list[list[dict[str, torch.Tensor]]] = [[] for _ in models_ft]
     time_series = False
-    with (
-        capture(model_pre, names, pooling=opts.pooling, apply=apply) as cap_pre,
-        capture(model_ft, names, pooling=opts.pooling) as cap_ft,
-        _progress(total, opts.progress) as bar,
-    ):
+    with contextlib.ExitStack() as stack:
+        caps_pre = [
+            stack.enter_context(capture(model_pre, names, pooling=opts.pooling, apply=apply)) for apply in applies
+        ]
+        caps_ft = [stack.enter_context(capture(m, names, pooling=opts.pooling)) for m in models_ft]
+        bar = stack.enter_context(_progress(total, opts.progress))
         for x in batches:
             time_series = time_series or x.ndim == 5
             with clock("forward"):
-                pre = forward_batch(model_pre, x, cap_pre, time_mode=opts.time_mode)
-                ft = forward_batch(model_ft, x, cap_ft, time_mode=opts.time_mode)
-            cols = dict(ft.features)
-            cols.update({_OWN.format(n): f for n, f in pre.applied.items()})
+                pre = forward_batch(model_pre, x, caps_pre[0], time_mode=opts.time_mode)
+                # the other captures of the pretrained model were filled by that same forward
+                applied = [pre.applied] + [
+                    forward_batch(model_pre, x, cap, time_mode=opts.time_mode, forward=_no_forward).applied
+                    for cap in caps_pre[1:]
+                ]
+                applied += [{}] * (len(models_ft) - len(applied))
+                fts = [forward_batch(m, x, cap, time_mode=opts.time_mode) for m, cap in zip(models_ft, caps_ft, strict=True)]
             if full_batch:
                 held_a.append(pre.features)
-                held_b.append(cols)
-            else:
-                with clock("cka"):
-                    acc.update(pre.features, cols)
+            for k, (acc, ft) in enumerate(zip(accs, fts, strict=True)):
+                cols = dict(ft.features)
+                cols.update({_OWN.format(n): f for n, f in applied[k].items()})
+                if full_batch:
+                    held_b[k].append(cols)
+                else:
+                    with clock("cka"):
+                        acc.update(pre.features, cols)
             bar.update(x.shape[0])
-    with clock("cka"):
-        if full_batch:
-            acc.update(
-                {n: torch.cat([h[n] for h in held_a]) for n in held_a[0]},
-                {n: torch.cat([h[n] for h in held_b]) for n in held_b[0]},
-            )
-        result = acc.compute()
-    # What was done, as the capture and the accumulator did it (not as asked): the results'
-    # settings are filled from this record.
-    result.extra["capture"] = {"pre": cap_pre.settings, "ft": cap_ft.settings}
-    result.extra["time_series"] = time_series
-    return result
+    results = []
+    for k, acc in enumerate(accs):
+        with clock("cka"):
+            if full_batch:
+                acc.update(
+                    {n: torch.cat([h[n] for h in held_a]) for n in held_a[0]},
+                    {n: torch.cat([h[n] for h in held_b[k]]) for n in held_b[k][0]},
+                )
+            result = acc.compute()
+        # What was done, as the capture and the accumulator did it (not as asked): the
+        # results' settings are filled from this record.
+        result.extra["capture"] = {"pre": caps_pre[min(k, len(caps_pre) - 1)].settings, "ft": caps_ft[k].settings}
+        result.extra["time_series"] = time_series
+        results.append(result)
+    return results
+
+
+def _no_forward(frames: torch.Tensor) -> None:
+    """The forward of a capture already filled by another's forward pass: nothing to run."""
+    return None
 
 
 def check_memory(
@@ -142,11 +188,14 @@ def check_memory(
     opts: CompareOptions,
     total: int,
     device: torch.device,
+    runs: int = 1,
 ) -> None:
     """Refuse, before the run, sizes whose grams, terms or bootstrap memory cannot hold.
 
     One blank image of the probes' shape goes through the model to learn the feature widths
-    and the rows per image (tokens, frames); no probe is read.
+    and the rows per image (tokens, frames); no probe is read. ``runs`` fine-tuned models
+    compared at once (:func:`run_many`) hold their features side by side and keep a set of
+    per-batch terms each.
 
     Raises:
         UsageError: Naming the options that set the size.
@@ -155,7 +204,9 @@ def check_memory(
     with capture(model, names, pooling=opts.pooling) as cap:
         feats = forward_batch(model, blank, cap, time_mode=opts.time_mode).features
     per_image = next(iter(feats.values())).shape[0]
-    width = sum(f.shape[1] for f in feats.values()) * (3 if opts.own_change else 2)
+    # pretrained features (once per capture: one per run with own change), then each run's
+    # fine-tuned features and own-change features
+    width = sum(f.shape[1] for f in feats.values()) * (3 * runs if opts.own_change else 1 + runs)
     full = opts.estimator == "biased"
     batch = opts.batch_size or total
     rows = per_image * (total if full else min(batch, total))
@@ -167,12 +218,15 @@ def check_memory(
         batches=1 if full else batches_for(total, batch),
         bootstrap=opts.bootstrap,
         held_rows=rows if full else 0,
+        runs=runs,
     )
     what = f"--samples {total} with --batch-size {batch} and --bootstrap {opts.bootstrap}"
     if full:
         what = f"--estimator biased (one batch of every sample) with --samples {total}"
     if per_image > 1:
         what += f" ({per_image} rows per image: --pooling {opts.pooling} / --time-mode {opts.time_mode})"
+    if runs > 1:
+        what += f" for {runs} fine-tuned checkpoints"
     check_fits(work, device, what)
 
 
