@@ -17,11 +17,14 @@ Two views are reported:
 
 The stages live in small modules: :mod:`~cka_geo.compare.options`,
 :mod:`~cka_geo.compare.probes`, :mod:`~cka_geo.compare.run`,
-:mod:`~cka_geo.compare.verdict`, :mod:`~cka_geo.compare.build` and
-:mod:`~cka_geo.compare.job`; everything public is importable from here.
+:mod:`~cka_geo.compare.verdict`, :mod:`~cka_geo.compare.build`,
+:mod:`~cka_geo.compare.job` (one pretrained model against one or many fine-tunes, the
+pretrained forward shared) and :mod:`~cka_geo.compare.cross` (two architectures, every layer
+against every layer); everything public is importable from here.
 """
 
 from cka_geo.compare.build import DEGENERATE_RULE, build_results, share_stored_heads
+from cka_geo.compare.cross import compare_cross
 from cka_geo.compare.job import compare_checkpoints, compare_many, compare_models
 from cka_geo.compare.options import (
     DEFAULT_SAMPLES,
@@ -56,6 +59,7 @@ __all__ = [
     "build_results",
     "check_memory",
     "compare_checkpoints",
+    "compare_cross",
     "compare_many",
     "compare_models",
     "probe_batches",
