@@ -27,14 +27,17 @@ def _fmt(value: float | None, interval: list[float | None] | None) -> str:
     return text
 
 
-def _grid(results: Mapping[str, Any], values_key: str, iv_key: str) -> tuple[list[str], list[list[str]]]:
-    kinds = [k for k in KIND_ORDER if k in results["kinds"]]
+def _grid(
+    results: Mapping[str, Any], values_key: str, iv_key: str, only: list[str] | None = None
+) -> tuple[list[str], list[list[str]]]:
+    kinds = [k for k in KIND_ORDER if k in results["kinds"] and (only is None or k in only)]
     rows: dict[int, dict[str, str]] = {}
     values = results[values_key]
     ivs = results.get(iv_key) or {}
     for name, kind in zip(results["layers"], results["kinds"], strict=True):
         block = block_of(name)
-        rows.setdefault(block, {})[kind] = _fmt(values.get(name), ivs.get(name))
+        if kind in kinds:
+            rows.setdefault(block, {})[kind] = _fmt(values.get(name), ivs.get(name))
     header = ["block", *kinds]
     body = [[str(b), *(rows[b].get(k, "") for k in kinds)] for b in sorted(rows)]
     return header, body
@@ -59,7 +62,7 @@ def format_table(results: Mapping[str, Any]) -> str:
         parts += [
             "",
             "Own change: CKA(pre sublayer, ft sublayer applied to pre's input)",
-            _table(*_grid(results, "own_change", "own_change_intervals")),
+            _table(*_grid(results, "own_change", "own_change_intervals", s.get("own_change_kinds"))),
         ]
     parts += ["", results["summary"]["verdict"]]
     return "\n".join(parts)

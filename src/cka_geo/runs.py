@@ -117,25 +117,27 @@ def write_runs(
     ``out_dir`` is the hidden folder of :meth:`cka_geo.commands._output.Output.replace`:
     a failure anywhere leaves the earlier ``--out`` as it was.
     """
+    from cka_geo.compare.job import timed
     from cka_geo.report import write_results
 
-    for name, res in zip(names, results, strict=True):
-        run_dir = out_dir / "runs" / name
-        run_dir.mkdir(parents=True)
-        write_results(res, run_dir, formats)
-        if figures:
-            from cka_geo.plotting import plot_all
+    dirs = [out_dir / "runs" / name for name in names]
+    for d in dirs:
+        d.mkdir(parents=True)
+    if figures:  # first, so that results.json records their time (settings.seconds, shared)
+        from cka_geo.plotting import plot_all
+        from cka_geo.plotting.runs import plot_runs_depth
 
-            plot_all(res, run_dir)
+        with timed(results[0]["settings"]):
+            for d, res in zip(dirs, results, strict=True):
+                plot_all(res, d)
+            plot_runs_depth(names, results, out_dir / "depth_profile_runs.png")
+    for d, res in zip(dirs, results, strict=True):
+        write_results(res, d, formats)
     if "csv" in formats:
         write_text_atomic(out_dir / "runs.csv", to_runs_csv(names, results))
     if "json" in formats:
         text = json.dumps(runs_index(pre, names, results), indent=2, allow_nan=False) + "\n"
         write_text_atomic(out_dir / "runs.json", text)
-    if figures:
-        from cka_geo.plotting.runs import plot_runs_depth
-
-        plot_runs_depth(names, results, out_dir / "depth_profile_runs.png")
 
 
 __all__ = ["RUNS_CSV_COLUMNS", "RUNS_SCHEMA", "run_names", "runs_index", "to_runs_csv", "write_runs"]

@@ -42,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the intervals (0: none)")
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--no-own-change", action="store_true", help="skip each sublayer's own change")
+    p.add_argument("--own-change", nargs="+", choices=SUBLAYER_KINDS, metavar="KIND", help="the own-change views to compute, among the compared kinds (default: all). Each costs its fine-tuned module run on the pretrained inputs: block about one more forward of the fine-tuned model, attn fc1 fc2 together about another, so the default about doubles the forward time; settings.seconds records each stage")
     p.add_argument("--out", default="cka-geo-results", help="output folder (default: %(default)s), replaced as a whole by each run; an existing folder must be empty or hold an earlier compare run, else it is refused (choose another --out)")
     p.add_argument("--format", nargs="+", choices=("table", "json", "csv"), default=["table", "json", "csv"], help="outputs (default: all)")
     p.add_argument("--no-figures", action="store_true", help="do not draw figures")
@@ -65,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.pre, *args.ft):
         if not Path(path).exists():
             raise UsageError(f"{path}: no such file")
+    if args.own_change and args.no_own_change:
+        raise UsageError("--own-change and --no-own-change: choose one")
     if args.cross and len(args.ft) != 1:
         raise UsageError(f"--cross compares two checkpoints, PRE and one other; got {1 + len(args.ft)}")
     resolve_device(args.device)
@@ -87,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         act=args.act,
         wavelengths=tuple(_number_or_name(w) for w in args.wavelengths) if args.wavelengths else None,
         own_change=not args.no_own_change,
+        own_kinds=tuple(dict.fromkeys(args.own_change)) if args.own_change else None,
         bootstrap=args.bootstrap,
         confidence=args.confidence,
         progress=args.progress,
@@ -113,12 +117,18 @@ def run(args: argparse.Namespace) -> int:
             print("\n".join(describe_checkpoints(results)), file=sys.stderr)
         if out is not None:
             with out.replace() as tmp:
-                write_results(results, tmp, tuple(files))
                 if not args.no_figures:
+                    from cka_geo.compare.job import timed
                     from cka_geo.plotting import plot_all
 
-                    plot_all(results, tmp)
+                    with timed(results["settings"]):
+                        plot_all(results, tmp)
+                write_results(results, tmp, tuple(files))
                 written = sorted(p.name for p in tmp.iterdir())
+    if opts.progress is not False:
+        from cka_geo.compare.job import say_cost
+
+        print(say_cost(results["settings"]["seconds"]), file=sys.stderr)
     if "table" in args.format:
         print(format_table(results))
     if written and not args.quiet:
@@ -155,6 +165,10 @@ def _run_many(args: argparse.Namespace, opts: CompareOptions) -> int:
             with out.replace() as tmp:
                 write_runs(tmp, args.pre, names, results, files, figures=not args.no_figures)
                 written = sorted(p.name for p in tmp.iterdir())
+    if opts.progress is not False:
+        from cka_geo.compare.job import say_cost
+
+        print(say_cost(results[0]["settings"]["seconds"]), file=sys.stderr)
     if "table" in args.format:
         width = max(len(n) for n in names)
         print("\n".join(f"{n.ljust(width)}  {r['summary']['verdict']}" for n, r in zip(names, results, strict=True)))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,7 @@ def compare_many(
     opts = dataclasses.replace(options or CompareOptions(), **kwargs)
     opts.validate()
     device = resolve_device(opts.device)
+    started = time.perf_counter()
     a = _load_any(pre, opts)
     bs = [_load_any(x, opts) for x in fts]
     pairs = []
@@ -104,6 +107,7 @@ def compare_many(
     norm = resolve(opts.normalize, bands, probes.band_names, embedded=probes.path is None, raw=probes.raw)
     model_pre = build_model(a, device=device)
     models_ft = [build_model(b, device=device) for b in bs]
+    seconds: dict[str, float] = {"load": time.perf_counter() - started}
     if opts.names:
         names = resolve_sublayers(model_pre, list(opts.names))
     else:
@@ -112,10 +116,12 @@ def compare_many(
     check_memory(model_pre, names, shape, opts, n, device, runs=len(bs))
     if opts.progress is not False:
         _say_plan(a, names, n, batch_size, hw, device, data_desc, norm.name, chosen, runs=len(bs))
-    results = run_many(model_pre, models_ft, names, batches, opts, n)
+    results = run_many(model_pre, models_ft, names, batches, opts, n, timings=seconds, sync=False)
     outs = []
     for result, b, pair in zip(results, bs, pairs, strict=True):
+        t = time.perf_counter()
         out = build_results(result, names, opts, a, b, pair, data_desc, device)
+        seconds["bootstrap"] = seconds.get("bootstrap", 0.0) + time.perf_counter() - t
         out.settings.update({
             "image_size": [hw[0], hw[1]],
             "native_image_size": list(native_hw(a)),
@@ -125,7 +131,51 @@ def compare_many(
             "defaults_by_device": {k: v for k, v in chosen.items() if v} or None,
         })
         outs.append(out)
+    cost = stage_seconds(seconds, time.perf_counter() - started, len(bs))
+    for out in outs:
+        out.settings["seconds"] = cost  # one record, shared by the runs (and completed by the CLI)
     return outs
+
+
+def stage_seconds(timings: dict[str, float], total: float, runs: int) -> dict[str, Any]:
+    """The cost of a comparison per stage, in seconds: ``load`` (files and models),
+    ``forward`` (forward passes, own change excluded), ``own_change`` (fine-tuned sublayers
+    applied to the pretrained inputs), ``cka`` (grams, HSIC terms, the matrix),
+    ``bootstrap`` (intervals and records), ``figures`` (None until drawn), ``total``, and
+    the ``runs`` that shared them."""
+    own = timings.get("own_change", 0.0)
+    return {
+        "load": round(timings.get("load", 0.0), 4),
+        "forward": round(max(timings.get("forward", 0.0) - own, 0.0), 4),
+        "own_change": round(own, 4),
+        "cka": round(timings.get("cka", 0.0), 4),
+        "bootstrap": round(timings.get("bootstrap", 0.0), 4),
+        "figures": None,
+        "total": round(total, 4),
+        "runs": runs,
+    }
+
+
+@contextlib.contextmanager
+def timed(settings: dict) -> Iterator[None]:
+    """Add the seconds of the block to ``settings["seconds"]``'s ``figures`` and ``total``."""
+    start = time.perf_counter()
+    yield
+    spent = time.perf_counter() - start
+    seconds = settings.get("seconds")
+    if isinstance(seconds, dict):
+        seconds["figures"] = round((seconds.get("figures") or 0.0) + spent, 4)
+        seconds["total"] = round(seconds.get("total", 0.0) + spent, 4)
+
+
+def say_cost(seconds: dict[str, Any]) -> str:
+    """The final progress line: the total and what each stage took."""
+    from cka_geo.compare.run import _span
+
+    parts = [f"{label} {_span(seconds[key])}" for key, label in (
+        ("load", "load"), ("forward", "forwards"), ("own_change", "own change"), ("cka", "CKA"),
+        ("bootstrap", "bootstrap"), ("figures", "figures")) if seconds.get(key) is not None]
+    return f"cka-geo compare: done in {_span(seconds['total'])} ({', '.join(parts)})"
 
 
 def _check_pair(a: LoadedCheckpoint, b: LoadedCheckpoint) -> Any:

@@ -13,7 +13,7 @@ import torch
 
 from cka_geo.accumulator import CKAResult, MinibatchCKA
 from cka_geo.budget import CKAWorkload, batches_for, check_fits
-from cka_geo.compare.options import _OWN, CompareOptions
+from cka_geo.compare.options import _OWN, CompareOptions, own_names
 from cka_geo.features import capture, forward_batch, sublayer_map
 
 
@@ -106,6 +106,7 @@ def run_many(
     opts: CompareOptions,
     total: int,
     timings: dict[str, float] | None = None,
+    sync: bool = True,
 ) -> list[CKAResult]:
     """:func:`run_cka` of one pretrained model against several fine-tuned ones at once.
 
@@ -118,14 +119,19 @@ def run_many(
     Memory: the per-batch features of every run are held during a batch, and each run
     keeps its own per-batch terms (for the intervals): both grow linearly in the number of
     runs; nothing grows with the number of samples (unbiased estimator).
+
+    With ``timings``, seconds are added to ``"forward"`` (every forward pass, own change
+    included), ``"own_change"`` (the part of it spent applying fine-tuned sublayers) and
+    ``"cka"``; ``sync=False`` times CUDA spans by events instead of synchronising.
     """
-    clock = _Clock(timings, next(model_pre.parameters()).device)
+    clock = _Clock(timings, next(model_pre.parameters()).device, sync=sync)
+    own = own_names(names, opts)
     applies: list[dict[str, Any] | None] = [None]  # without own change one capture serves all
-    if opts.own_change:
+    if own:
         applies = []
         for model_ft in models_ft:
             paths_ft = sublayer_map(model_ft)
-            applies.append({n: model_ft.get_submodule(paths_ft[n]) for n in names})
+            applies.append({n: _Timed(model_ft.get_submodule(paths_ft[n]), clock) for n in own})
     accs = [MinibatchCKA(kernel=opts.kernel, estimator=opts.estimator, rbf_frac=opts.rbf_frac) for _ in models_ft]
     full_batch = opts.estimator == "biased"
     held_a: list[dict[str, torch.Tensor]] = []
@@ -173,6 +179,7 @@ def run_many(
         result.extra["capture"] = {"pre": caps_pre[min(k, len(caps_pre) - 1)].settings, "ft": caps_ft[k].settings}
         result.extra["time_series"] = time_series
         results.append(result)
+    clock.finish()
     return results
 
 
@@ -204,9 +211,11 @@ def check_memory(
     with capture(model, names, pooling=opts.pooling) as cap:
         feats = forward_batch(model, blank, cap, time_mode=opts.time_mode).features
     per_image = next(iter(feats.values())).shape[0]
+    own = set(own_names(names, opts))
     # pretrained features (once per capture: one per run with own change), then each run's
     # fine-tuned features and own-change features
-    width = sum(f.shape[1] for f in feats.values()) * (3 * runs if opts.own_change else 1 + runs)
+    one = sum(f.shape[1] for f in feats.values())
+    width = one * (runs if own else 1) + runs * (one + sum(f.shape[1] for n, f in feats.items() if n in own))
     full = opts.estimator == "biased"
     batch = opts.batch_size or total
     rows = per_image * (total if full else min(batch, total))
@@ -214,7 +223,7 @@ def check_memory(
         rows=rows,
         width=width,
         layers_a=len(names),
-        layers_b=len(names) * (2 if opts.own_change else 1),
+        layers_b=len(names) + len(own),
         batches=1 if full else batches_for(total, batch),
         bootstrap=opts.bootstrap,
         held_rows=rows if full else 0,
@@ -231,20 +240,55 @@ def check_memory(
 
 
 class _Clock:
-    """Adds wall seconds per key to a dict; does nothing (and never syncs) without one."""
+    """Adds seconds per key to a dict; does nothing (and never syncs) without one.
 
-    def __init__(self, timings: dict[str, float] | None, device: torch.device) -> None:
-        self.timings, self.device = timings, device
+    On CPU the wall time of each span. On CUDA, with ``sync`` (benchmarks), the device is
+    synchronised around each span; without it (the stage costs every comparison records),
+    or for spans marked ``events``, a pair of CUDA events is recorded and the spans are
+    summed at :meth:`finish`, with one synchronisation.
+    """
+
+    def __init__(self, timings: dict[str, float] | None, device: torch.device, sync: bool = True) -> None:
+        self.timings, self.device, self.sync = timings, device, sync
+        self._pending: list[tuple[str, Any, Any]] = []
 
     @contextlib.contextmanager
-    def __call__(self, key: str) -> Iterator[None]:
+    def __call__(self, key: str, events: bool = False) -> Iterator[None]:
         if self.timings is None:
             yield
             return
-        if self.device.type == "cuda":
+        cuda = self.device.type == "cuda"
+        if cuda and (events or not self.sync):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            yield
+            end.record()
+            self._pending.append((key, begin, end))
+            return
+        if cuda:
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         yield
-        if self.device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(self.device)
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
+
+    def finish(self) -> None:
+        """Add the spans timed by CUDA events (one synchronisation)."""
+        if self.timings is None or not self._pending:
+            return
+        torch.cuda.synchronize(self.device)
+        for key, begin, end in self._pending:
+            self.timings[key] = self.timings.get(key, 0.0) + begin.elapsed_time(end) / 1000.0
+        self._pending.clear()
+
+
+class _Timed:
+    """A fine-tuned sublayer applied for the own change, its time added to ``own_change``."""
+
+    def __init__(self, module: torch.nn.Module, clock: _Clock) -> None:
+        self.module, self.clock = module, clock
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.clock("own_change", events=True):
+            return self.module(*args, **kwargs)
