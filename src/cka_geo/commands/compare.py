@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the intervals (0: none)")
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--no-own-change", action="store_true", help="skip each sublayer's own change")
-    p.add_argument("--own-change", nargs="+", choices=SUBLAYER_KINDS, metavar="KIND", help="the own-change views to compute, among the compared kinds (default: all). Each costs its fine-tuned module run on the pretrained inputs: block about one more forward of the fine-tuned model, attn fc1 fc2 together about another, so the default about doubles the forward time; settings.seconds records each stage")
+    p.add_argument("--own-change", nargs="+", choices=SUBLAYER_KINDS, metavar="KIND", help="the own-change views to compute, among the compared kinds (default: all). Each costs its fine-tuned modules run on the pretrained inputs: block at most one more forward of the fine-tuned model, attn fc1 fc2 together about as much again (the default: about 1.5x the forward time of no own change on a CPU); settings.seconds records each stage")
     p.add_argument("--out", default="cka-geo-results", help="output folder (default: %(default)s), replaced as a whole by each run; an existing folder must be empty or hold an earlier compare run, else it is refused (choose another --out)")
     p.add_argument("--format", nargs="+", choices=("table", "json", "csv"), default=["table", "json", "csv"], help="outputs (default: all)")
     p.add_argument("--no-figures", action="store_true", help="do not draw figures")

@@ -71,8 +71,8 @@ class CompareOptions:
         own_change: Also compute each sublayer's own change.
         own_kinds: The sublayer kinds whose own change is computed (None: every compared
             kind). Each costs what its fine-tuned module costs on the pretrained input: the
-            ``block`` view runs every fine-tuned block again, about one more forward of the
-            fine-tuned model; ``attn``, ``fc1``, ``fc2`` together about another one.
+            ``block`` view runs every fine-tuned block again, at most one more forward of the
+            fine-tuned model; ``attn``, ``fc1``, ``fc2`` together about as much again.
         bootstrap: Bootstrap replicates for the intervals (0 for none).
         confidence: Level of the intervals.
         progress: None (default): the plan line, then a progress bar on a terminal or
