@@ -139,8 +139,8 @@ def test_the_multi_run_figure_is_drawn_with_a_line_per_run(files, tmp_path):
 
 def test_a_later_failure_leaves_the_earlier_output_whole(files, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    args = ["compare", str(files["pre"]), str(files["a"]), str(files["c"]), "--samples", "48", "--batch-size",
-            "12", "--bootstrap", "0", "--out", str(out), "--no-figures", "-q"]
+    args = ["compare", str(files["pre"]), str(files["a"]), str(files["c"]), "--samples", "16", "--batch-size",
+            "8", "--bootstrap", "0", "--sublayers", "fc1", "block", "--out", str(out), "--no-figures", "-q"]
     assert main(args) == 0
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     import cka_geo.report as report
