@@ -33,6 +33,8 @@ _LAZY = {
     "save_checkpoint": "cka_geo.checkpoints",
     "check_pair": "cka_geo.checkpoints",
     "compare_checkpoints": "cka_geo.compare",
+    "compare_many": "cka_geo.compare",
+    "compare_cross": "cka_geo.compare",
     "CompareOptions": "cka_geo.compare",
     "ViTConfig": "cka_geo.models.vit",
     "VisionTransformer": "cka_geo.models.vit",

@@ -33,6 +33,9 @@ class CKAWorkload:
         bootstrap: Bootstrap replicates (0: none).
         held_rows: Rows of features held until the end (the biased estimator's full batch),
             else 0.
+        runs: Fine-tuned models compared with one pretrained model at once: each keeps its
+            own per-batch terms, while grams and the bootstrap are made one run at a time
+            (``width`` counts the features of every run).
     """
 
     rows: int
@@ -42,6 +45,7 @@ class CKAWorkload:
     batches: int
     bootstrap: int
     held_rows: int = 0
+    runs: int = 1
 
     def needs(self) -> dict[str, int]:
         """Bytes per component: grams, row products, features, kept terms, bootstrap."""
@@ -50,7 +54,7 @@ class CKAWorkload:
             "grams": 4 * (la + lb) * b * b,
             "row products": 4 * b * la * lb,
             "features": 4 * max(self.held_rows, b) * self.width,
-            "per-batch terms": 2 * 8 * self.batches * (la * lb + la + lb),
+            "per-batch terms": 2 * 8 * self.batches * (la * lb + la + lb) * self.runs,
             "bootstrap": 8 * self.bootstrap * (self.batches + 4 * la) if self.batches >= 2 else 0,
         }
 

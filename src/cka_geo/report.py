@@ -27,14 +27,17 @@ def _fmt(value: float | None, interval: list[float | None] | None) -> str:
     return text
 
 
-def _grid(results: Mapping[str, Any], values_key: str, iv_key: str) -> tuple[list[str], list[list[str]]]:
-    kinds = [k for k in KIND_ORDER if k in results["kinds"]]
+def _grid(
+    results: Mapping[str, Any], values_key: str, iv_key: str, only: list[str] | None = None
+) -> tuple[list[str], list[list[str]]]:
+    kinds = [k for k in KIND_ORDER if k in results["kinds"] and (only is None or k in only)]
     rows: dict[int, dict[str, str]] = {}
     values = results[values_key]
     ivs = results.get(iv_key) or {}
     for name, kind in zip(results["layers"], results["kinds"], strict=True):
         block = block_of(name)
-        rows.setdefault(block, {})[kind] = _fmt(values.get(name), ivs.get(name))
+        if kind in kinds:
+            rows.setdefault(block, {})[kind] = _fmt(values.get(name), ivs.get(name))
     header = ["block", *kinds]
     body = [[str(b), *(rows[b].get(k, "") for k in kinds)] for b in sorted(rows)]
     return header, body
@@ -59,7 +62,7 @@ def format_table(results: Mapping[str, Any]) -> str:
         parts += [
             "",
             "Own change: CKA(pre sublayer, ft sublayer applied to pre's input)",
-            _table(*_grid(results, "own_change", "own_change_intervals")),
+            _table(*_grid(results, "own_change", "own_change_intervals", s.get("own_change_kinds"))),
         ]
     parts += ["", results["summary"]["verdict"]]
     return "\n".join(parts)
@@ -86,11 +89,12 @@ def describe_checkpoints(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def to_csv(results: Mapping[str, Any]) -> str:
-    """One row per sublayer: name, block, kind, CKA with interval, own change, weight change."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["layer", "block", "kind", "cka", "cka_lo", "cka_hi", "own_cka", "own_lo", "own_hi", "weight_rel_change"])
+CSV_COLUMNS = ("layer", "block", "kind", "cka", "cka_lo", "cka_hi", "own_cka", "own_lo", "own_hi", "weight_rel_change")
+"""Columns of ``results.csv``, one row per sublayer."""
+
+
+def csv_rows(results: Mapping[str, Any]) -> list[list[Any]]:
+    """The rows of ``results.csv`` (as :data:`CSV_COLUMNS`; empty cells for undefined values)."""
     own = results.get("own_change") or {}
     own_iv = results.get("own_change_intervals") or {}
     ivs = results.get("intervals") or {}
@@ -99,13 +103,23 @@ def to_csv(results: Mapping[str, Any]) -> str:
     def cell(v: float | None) -> str:
         return "" if v is None or (isinstance(v, float) and math.isnan(v)) else repr(float(v))
 
+    rows = []
     for name, kind in zip(results["layers"], results["kinds"], strict=True):
         iv = ivs.get(name) or [None, None]
         oiv = own_iv.get(name) or [None, None]
-        w.writerow(
+        rows.append(
             [name, block_of(name), kind, cell(results["diagonal"].get(name)), cell(iv[0]), cell(iv[1]),
              cell(own.get(name)), cell(oiv[0]), cell(oiv[1]), cell(wch.get(name))]
         )
+    return rows
+
+
+def to_csv(results: Mapping[str, Any]) -> str:
+    """One row per sublayer: name, block, kind, CKA with interval, own change, weight change."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    w.writerows(csv_rows(results))
     return buf.getvalue()
 
 

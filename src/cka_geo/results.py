@@ -187,6 +187,11 @@ class CompareResult(dict):
         if not isinstance(results, Mapping):
             raise DataError(f"{source}: expected a JSON object, got {type(results).__name__}")
         schema = results.get("schema")
+        if results.get("mode") == "cross":
+            raise DataError(
+                f"{source}: a --cross result (every layer of A against every layer of B, no same-layer view): "
+                "read it with cka_geo.results_cross.CrossResult.from_dict"
+            )
         if schema != SCHEMA:
             raise DataError(f"{source}: schema is {_short(schema)}, expected {SCHEMA!r}")
         layers = _layer_names(results.get("layers"), source)
@@ -240,6 +245,12 @@ def load_results(path: str | os.PathLike[str]) -> CompareResult:
             :data:`cka_geo.walk.MAX_JSON_CHARS` bytes, nests deeper than
             :data:`cka_geo.walk.MAX_DEPTH` levels, or is not a ``cka-geo/compare/v1`` result.
     """
+    return CompareResult.from_dict(read_results_json(path), str(path))
+
+
+def read_results_json(path: str | os.PathLike[str]) -> Any:
+    """The parsed JSON of a results file, read within the size and depth budgets (as
+    :func:`load_results`, before its validation)."""
     p = Path(path)
     if not p.exists():
         raise UsageError(f"{p}: no such results file")
@@ -260,7 +271,7 @@ def load_results(path: str | os.PathLike[str]) -> CompareResult:
         raise DataError(f"{p}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except DataError as exc:
         raise DataError(f"{p}: {exc}") from None
-    return CompareResult.from_dict(results, str(p))
+    return results
 
 
 # -- validation helpers ----------------------------------------------------------------------
@@ -376,4 +387,4 @@ def _typed_entries(mapping: Any, key: str, types: dict[str, tuple[type, ...]], s
     return dict(mapping)
 
 
-__all__ = ["SCHEMA", "CompareResult", "LayerRecord", "load_results"]
+__all__ = ["SCHEMA", "CompareResult", "LayerRecord", "load_results", "read_results_json"]

@@ -51,7 +51,8 @@ def run_files(command: str) -> set[str]:
             from cka_geo.plotting import FIGURES, FORMATS
         except ImportError:  # pragma: no cover - plotting always ships with compare
             FIGURES, FORMATS = ("heatmap", "depth_profile", "change_bars"), ("png", "pdf", "svg")
-        return {"results.json", "results.csv"} | {f"{f}.{x}" for f in FIGURES for x in FORMATS}
+        many = {"runs", "runs.csv", "runs.json"} | {f"depth_profile_runs.{x}" for x in FORMATS}
+        return {"results.json", "results.csv"} | {f"{f}.{x}" for f in FIGURES for x in FORMATS} | many
     return {
         "probe": {"probe.json", "probe.csv", "probe_depth.png"},
         "pretrain": {"pretrained.pt", *_TRAIN},

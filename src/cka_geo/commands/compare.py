@@ -6,12 +6,16 @@ import argparse
 import contextlib
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cka_geo.commands._training import seed_int
 from cka_geo.functional import DEFAULT_RBF_FRAC
 
+if TYPE_CHECKING:
+    from cka_geo.compare import CompareOptions
+
 NAME = "compare"
-HELP = "CKA between a pretrained and a fine-tuned checkpoint, sublayer by sublayer"
+HELP = "CKA between a pretrained and fine-tuned checkpoints (or two architectures: --cross), sublayer by sublayer"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from cka_geo.compare import DEFAULT_SAMPLES, DEFAULT_SUBLAYERS, POOLINGS, SUBLAYER_KINDS
 
     p.add_argument("pre", help="pretrained checkpoint (.pt .pth .ckpt .bin .safetensors)")
-    p.add_argument("ft", help="fine-tuned checkpoint")
+    p.add_argument("ft", nargs="+", metavar="FT", help="fine-tuned checkpoint(s): several share one forward of the pretrained model per batch and write runs/<name>/ plus runs.csv, runs.json and depth_profile_runs.png")
+    p.add_argument("--cross", action="store_true", help="PRE and FT of different architectures: every layer of one against every layer of the other (the full matrix and heatmap; no same-layer or own-change view)")
     p.add_argument("--data", help="probe images: a folder of .tif/.npy tiles, or a .npy/.pt array (N, C, H, W) or time series (N, T, C, H, W); default: the embedded Sentinel-2 set")
     p.add_argument("--sublayers", nargs="+", choices=SUBLAYER_KINDS, default=list(DEFAULT_SUBLAYERS), metavar="KIND", help=f"sublayer kinds among {', '.join(SUBLAYER_KINDS)} (default: %(default)s)")
     p.add_argument("--kernel", choices=("linear", "rbf"), default="linear")
@@ -40,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "benchmarks/bench_intervals.py), percentile (bootstrap; 84-92%% at 6-16 batches for a nominal 95%%) or none")
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--no-own-change", action="store_true", help="skip each sublayer's own change")
+    p.add_argument("--own-change", nargs="+", choices=SUBLAYER_KINDS, metavar="KIND", help="the own-change views to compute, among the compared kinds (default: all). Each costs its fine-tuned modules run on the pretrained inputs: block at most one more forward of the fine-tuned model, attn fc1 fc2 together about as much again (the default: about 1.5x the forward time of no own change on a CPU); settings.seconds records each stage")
     p.add_argument("--out", default="cka-geo-results", help="output folder (default: %(default)s), replaced as a whole by each run; an existing folder must be empty or hold an earlier compare run, else it is refused (choose another --out)")
     p.add_argument("--format", nargs="+", choices=("table", "json", "csv"), default=["table", "json", "csv"], help="outputs (default: all)")
     p.add_argument("--no-figures", action="store_true", help="do not draw figures")
@@ -62,10 +68,17 @@ def run(args: argparse.Namespace) -> int:
     from cka_geo.errors import UsageError
     from cka_geo.report import describe_checkpoints, format_table, write_results
 
-    for path in (args.pre, args.ft):
+    for path in (args.pre, *args.ft):
         if not Path(path).exists():
             raise UsageError(f"{path}: no such file")
+    if args.own_change and args.no_own_change:
+        raise UsageError("--own-change and --no-own-change: choose one")
+    if args.cross and len(args.ft) != 1:
+        raise UsageError(f"--cross compares two checkpoints, PRE and one other; got {1 + len(args.ft)}")
     distributed.init(resolve_device(args.device))  # under torchrun: join the ranks before --out is claimed
+    if distributed.world() > 1 and (args.cross or len(args.ft) > 1):
+        raise UsageError("under torchrun, compare takes PRE and one fine-tune of the same architecture "
+                         "(run --cross or several fine-tunes in one process)")
     opts = CompareOptions(
         data=args.data,
         sublayers=tuple(dict.fromkeys(args.sublayers)),
@@ -85,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         act=args.act,
         wavelengths=tuple(_number_or_name(w) for w in args.wavelengths) if args.wavelengths else None,
         own_change=not args.no_own_change,
+        own_kinds=tuple(dict.fromkeys(args.own_change)) if args.own_change else None,
         bootstrap=args.bootstrap,
         interval=args.interval,
         confidence=args.confidence,
@@ -97,29 +111,82 @@ def run(args: argparse.Namespace) -> int:
     if args.quiet and args.progress is None:
         opts.progress = False
     main = distributed.is_main()  # under torchrun rank 0 alone claims --out, writes and prints
+    if args.cross:
+        from cka_geo.commands._compare_cross import run_cross
+
+        return run_cross(args, opts)
+    if len(args.ft) > 1:
+        return _run_many(args, opts)
     files = [f for f in args.format if f != "table"]
     written = []
     with contextlib.ExitStack() as stack:
         out = None
         if main and (files or not args.no_figures):  # --out checked before the work, replaced whole after it
-            out = stack.enter_context(claim(args.out, NAME, inputs=(args.pre, args.ft, args.data)))
-        results = compare_checkpoints(args.pre, args.ft, opts)
+            out = stack.enter_context(claim(args.out, NAME, inputs=(args.pre, *args.ft, args.data)))
+        results = compare_checkpoints(args.pre, args.ft[0], opts)
         if not main:
             return 0
         if not args.quiet:
             print("\n".join(describe_checkpoints(results)), file=sys.stderr)
         if out is not None:
             with out.replace() as tmp:
-                write_results(results, tmp, tuple(files))
                 if not args.no_figures:
+                    from cka_geo.compare.job import timed
                     from cka_geo.plotting import plot_all
 
-                    plot_all(results, tmp)
+                    with timed(results["settings"]):
+                        plot_all(results, tmp)
+                write_results(results, tmp, tuple(files))
                 written = sorted(p.name for p in tmp.iterdir())
+    if opts.progress is not False:
+        from cka_geo.compare.job import say_cost
+
+        print(say_cost(results["settings"]["seconds"]), file=sys.stderr)
     if "table" in args.format:
         print(format_table(results))
     if written and not args.quiet:
         print(f"wrote {', '.join(written)} to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _run_many(args: argparse.Namespace, opts: CompareOptions) -> int:
+    """PRE against several fine-tunes: one results folder per run, the combined files, and
+    one verdict line per run on stdout."""
+    from cka_geo.commands._output import claim
+    from cka_geo.compare import compare_many
+    from cka_geo.report import describe_checkpoints
+    from cka_geo.runs import run_names, write_runs
+
+    names = run_names(args.ft)
+    files = tuple(f for f in args.format if f != "table")
+    written: list[str] = []
+    with contextlib.ExitStack() as stack:
+        out = None
+        if files or not args.no_figures:
+            out = stack.enter_context(claim(args.out, NAME, inputs=(args.pre, *args.ft, args.data)))
+        results = compare_many(args.pre, args.ft, opts)
+        if not args.quiet:
+            lines: list[str] = []
+            for k, (name, res) in enumerate(zip(names, results, strict=True)):
+                for line in describe_checkpoints(res):
+                    if not line.lstrip().startswith("pre:"):
+                        lines.append(line.replace("ft:", f"ft {name}:", 1))
+                    elif k == 0:
+                        lines.append(line)
+            print("\n".join(lines), file=sys.stderr)
+        if out is not None:
+            with out.replace() as tmp:
+                write_runs(tmp, args.pre, names, results, files, figures=not args.no_figures)
+                written = sorted(p.name for p in tmp.iterdir())
+    if opts.progress is not False:
+        from cka_geo.compare.job import say_cost
+
+        print(say_cost(results[0]["settings"]["seconds"]), file=sys.stderr)
+    if "table" in args.format:
+        width = max(len(n) for n in names)
+        print("\n".join(f"{n.ljust(width)}  {r['summary']['verdict']}" for n, r in zip(names, results, strict=True)))
+    if written and not args.quiet:
+        print(f"wrote {', '.join(written)} to {args.out} ({len(names)} runs in runs/: {', '.join(names)})", file=sys.stderr)
     return 0
 
 

@@ -74,14 +74,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Read the results file, write every figure, print the written paths on stdout."""
     from cka_geo.commands._output import Output
-    from cka_geo.plotting import load_results, plot_all
+    from cka_geo.plotting import plot_all
     from cka_geo.plotting.view import check_view
+    from cka_geo.results_cross import load_any_results
 
     view = check_view(args.cmap, args.color_range, args.vmin, args.vmax)  # refused before any work
     out = args.out if args.out is not None else args.results.parent
     if args.out is not None or args.results.is_file():  # a missing results file is refused by load_results
         Output(out, NAME).check_location(replaced=False)  # a bad --out is refused before drawing
-    results = load_results(args.results)
+    results = load_any_results(args.results)  # a --cross result gets its heatmap
     written = plot_all(
         results, out, formats=args.format, dpi=args.dpi,
         cmap=view.cmap, range=view.range, vmin=view.vmin, vmax=view.vmax,

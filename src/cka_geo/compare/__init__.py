@@ -17,12 +17,15 @@ Two views are reported:
 
 The stages live in small modules: :mod:`~cka_geo.compare.options`,
 :mod:`~cka_geo.compare.probes`, :mod:`~cka_geo.compare.run`,
-:mod:`~cka_geo.compare.verdict`, :mod:`~cka_geo.compare.build` and
-:mod:`~cka_geo.compare.job`; everything public is importable from here.
+:mod:`~cka_geo.compare.verdict`, :mod:`~cka_geo.compare.build`,
+:mod:`~cka_geo.compare.job` (one pretrained model against one or many fine-tunes, the
+pretrained forward shared) and :mod:`~cka_geo.compare.cross` (two architectures, every layer
+against every layer); everything public is importable from here.
 """
 
 from cka_geo.compare.build import DEGENERATE_RULE, build_results, share_stored_heads
-from cka_geo.compare.job import compare_checkpoints, compare_models
+from cka_geo.compare.cross import compare_cross
+from cka_geo.compare.job import compare_checkpoints, compare_many, compare_models
 from cka_geo.compare.options import (
     DEFAULT_SAMPLES,
     DEFAULT_SUBLAYERS,
@@ -36,7 +39,7 @@ from cka_geo.compare.options import (
     resolve_device,
 )
 from cka_geo.compare.probes import probe_batches
-from cka_geo.compare.run import check_memory, run_cka
+from cka_geo.compare.run import check_memory, run_cka, run_many
 from cka_geo.compare.verdict import summarize
 from cka_geo.results import SCHEMA, CompareResult
 
@@ -56,10 +59,13 @@ __all__ = [
     "build_results",
     "check_memory",
     "compare_checkpoints",
+    "compare_cross",
+    "compare_many",
     "compare_models",
     "probe_batches",
     "resolve_device",
     "run_cka",
+    "run_many",
     "share_stored_heads",
     "summarize",
 ]

@@ -16,7 +16,13 @@ from cka_geo import __version__, distributed
 from cka_geo.accumulator import CKAResult
 from cka_geo.bootstrap import bootstrap_ratio, jackknife_ratio
 from cka_geo.checkpoints import LoadedCheckpoint
-from cka_geo.compare.options import MIN_INTERVAL_BATCHES, UNCHANGED_TOL, CompareOptions
+from cka_geo.compare.options import (
+    _OWN,
+    MIN_INTERVAL_BATCHES,
+    UNCHANGED_TOL,
+    CompareOptions,
+    own_names,
+)
 from cka_geo.compare.verdict import summarize
 from cka_geo.errors import FeatureError
 from cka_geo.functional.precision import (
@@ -26,7 +32,7 @@ from cka_geo.functional.precision import (
     NOISE_TOL_FLOAT64,
 )
 from cka_geo.results import CompareResult, LayerRecord
-from cka_geo.sublayers import block_of, kind_of
+from cka_geo.sublayers import KINDS, block_of, kind_of
 
 DEGENERATE_RULE = (
     f"a batch of a layer counts as 0 when ||X - mean||_F <= {CONSTANT_TOL:g} ||X||_F (float32; "
@@ -41,15 +47,19 @@ INTERVAL_METHODS = {
     "percentile": "percentile bootstrap over batches",
 }
 
-def _degenerate_record(result: CKAResult, names: list[str], own: bool) -> dict[str, dict[str, int]]:
+
+def _degenerate_record(result: CKAResult, names: list[str], own: list[str]) -> dict[str, dict[str, int]]:
     """Batches in which each sublayer counted as 0 (only the nonzero counts)."""
     if result.degenerate_a is None or result.degenerate_b is None:
         return {}
     L = len(names)
-    views = {"pre": result.degenerate_a[:L], "ft": result.degenerate_b[:L]}
+    out = {
+        "pre": {n: int(c) for n, c in zip(names, result.degenerate_a[:L], strict=True) if c},
+        "ft": {n: int(c) for n, c in zip(names, result.degenerate_b[:L], strict=True) if c},
+    }
     if own:
-        views["own"] = result.degenerate_b[L : 2 * L]
-    return {k: {n: int(c) for n, c in zip(names, v, strict=True) if c} for k, v in views.items()}
+        out["own"] = {n: int(c) for n, c in zip(own, result.degenerate_b[L : L + len(own)], strict=True) if c}
+    return out
 
 
 def _num(x: float) -> float | None:
@@ -120,16 +130,18 @@ def build_results(
         )
     matrix = result.matrix[:, :L]
     diag = {n: _num(matrix[i, i]) for i, n in enumerate(names)}
-    own = own_iv = None
+    own: dict[str, float | None] | None = None
+    own_iv: dict[str, list[float | None] | None] | None = None
     method = getattr(opts, "interval", "jackknife-t")
     boot = (
         method != "none" and opts.bootstrap > 0 and result.batch_cross is not None and len(result.batch_sizes) >= 2
     )
 
-    def intervals(cols: list[int]) -> dict[str, list[float | None] | None]:
+    def intervals(cols: list[int], rows: list[int] | None = None) -> dict[str, list[float | None] | None]:
+        which = names if rows is None else [names[i] for i in rows]
         if not boot:
-            return {n: None for n in names}
-        idx = np.arange(L)
+            return {n: None for n in which}
+        idx = np.arange(L) if rows is None else np.asarray(rows)
         terms = (
             result.batch_cross[:, idx, cols],  # type: ignore[index]
             result.batch_self_a[:, idx],  # type: ignore[index]
@@ -139,7 +151,7 @@ def build_results(
             lo, hi = bootstrap_ratio(*terms, resamples=opts.bootstrap, confidence=opts.confidence, seed=opts.seed)
         else:
             lo, hi = jackknife_ratio(*terms, confidence=opts.confidence)
-        return {n: [_num(lo[i]), _num(hi[i])] for i, n in enumerate(names)}
+        return {n: [_num(lo[i]), _num(hi[i])] for i, n in enumerate(which)}
 
     if boot and len(result.batch_sizes) < MIN_INTERVAL_BATCHES:
         warnings.warn(
@@ -150,9 +162,15 @@ def build_results(
             stacklevel=2,
         )
     iv = intervals(list(range(L)))
-    if opts.own_change:
-        own = {n: _num(result.matrix[i, L + i]) for i, n in enumerate(names)}
-        own_iv = intervals(list(range(L, 2 * L)))
+    own_list = own_names(names, opts)
+    if own_list:
+        col = {n: j for j, n in enumerate(result.names_b)}
+        rows = [names.index(n) for n in own_list]
+        cols = [col[_OWN.format(n)] for n in own_list]
+        own = dict.fromkeys(names)
+        own.update({n: _num(result.matrix[i, j]) for n, i, j in zip(own_list, rows, cols, strict=True)})
+        own_iv = dict.fromkeys(names)
+        own_iv.update(intervals(cols, rows))
     settings = {
         "kernel": result.kernel,
         "rbf_frac": result.rbf_frac,
@@ -174,6 +192,7 @@ def build_results(
         "time_mode": opts.time_mode if result.extra.get("time_series") else None,
         "device": str(device),
         "sublayers": list(opts.sublayers) if not opts.names else None,
+        "own_change_kinds": sorted({kind_of(n) for n in own_list}, key=list(KINDS).index) if own_list else None,
         "bootstrap": opts.bootstrap if boot and method == "percentile" else 0,
         "confidence": opts.confidence,
         "interval_method": INTERVAL_METHODS[method] if boot else None,
@@ -214,7 +233,7 @@ def build_results(
         settings=settings,
         sections={
             "rbf": rbf,
-            "degenerate_batches": _degenerate_record(result, names, opts.own_change),
+            "degenerate_batches": _degenerate_record(result, names, own_list),
             "model": {"family": a.family, "config": dataclasses.asdict(a.config)},
             "checkpoints": {"pre": _checkpoint_record(a), "ft": _checkpoint_record(b)},
             "versions": _versions(),

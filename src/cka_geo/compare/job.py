@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +17,8 @@ from cka_geo.compare.build import build_results, share_stored_heads
 from cka_geo.compare.inputs import at_size, device_defaults, native_hw, parse_size
 from cka_geo.compare.options import CompareOptions, resolve_device
 from cka_geo.compare.probes import cut_batches, open_probes
-from cka_geo.compare.run import check_memory, run_cka
+from cka_geo.compare.run import check_memory, run_many
+from cka_geo.errors import ArchitectureMismatchError, UsageError
 from cka_geo.features import resolve_sublayers
 from cka_geo.results import CompareResult
 
@@ -43,6 +48,37 @@ def compare_checkpoints(
         CkaGeoError: Bad options, unreadable or refused checkpoints, different
             architectures, probe data that does not fit the model, non-finite features.
     """
+    return compare_many(pre, [ft], options, **kwargs)[0]
+
+
+def compare_many(
+    pre: str | Path | nn.Module | dict,
+    fts: Sequence[str | Path | nn.Module | dict],
+    options: CompareOptions | None = None,
+    **kwargs: Any,
+) -> list[CompareResult]:
+    """Compare one pretrained checkpoint with several fine-tuned ones of its architecture.
+
+    Each probe batch goes once through the pretrained model and is shared by every
+    fine-tuned one (:func:`~cka_geo.compare.run.run_many`); each result equals, bit for
+    bit, that of :func:`compare_checkpoints` of ``pre`` and that fine-tune alone with the
+    same options. Memory is flat in the number of samples and grows linearly in the number
+    of fine-tunes (one model, its features and its per-batch terms each).
+
+    Args:
+        pre: The pretrained checkpoint, as for :func:`compare_checkpoints`.
+        fts: The fine-tuned checkpoints (at least one), likewise.
+        options: A :class:`CompareOptions`; keyword arguments override its fields.
+
+    Returns:
+        One :class:`~cka_geo.results.CompareResult` per fine-tune, in the order given.
+
+    Raises:
+        CkaGeoError: As :func:`compare_checkpoints`; a fine-tune of another architecture
+            than ``pre`` is refused naming it, with a hint to ``--cross``.
+    """
+    if not fts:
+        raise UsageError("compare needs at least one fine-tuned checkpoint")
     opts = dataclasses.replace(options or CompareOptions(), **kwargs)
     opts.validate()
     from cka_geo import distributed
@@ -50,15 +86,25 @@ def compare_checkpoints(
     device = distributed.init(resolve_device(opts.device))  # cuda:LOCAL_RANK under torchrun
     if not distributed.is_main():
         opts = dataclasses.replace(opts, progress=False)  # rank 0 alone prints
-    a, b = (_load_any(x, opts) for x in (pre, ft))
-    if opts.num_heads is None:
-        share_stored_heads(a, b)
-    pair = check_pair(a, b)
+    if distributed.world() > 1 and len(fts) > 1:
+        raise UsageError("under torchrun, compare takes one fine-tuned checkpoint (several share one process)")
+    started = time.perf_counter()
+    a = _load_any(pre, opts)
+    bs = [_load_any(x, opts) for x in fts]
+    pairs = []
+    for b in bs:
+        if opts.num_heads is None:
+            share_stored_heads(a, b)
+        pairs.append(_check_pair(a, b))
     bands = int(a.config.in_chans)
     probes = open_probes(opts, bands)
     hw = parse_size(opts.image_size) or probes.hw or native_hw(a)
     what = f"{opts.data} (--data)" if opts.data and opts.image_size is None else "--image-size"
-    resample = at_size(a, b, hw, what)
+    resample = at_size(a, bs[0], hw, what)
+    for b in bs[1:]:
+        with warnings.catch_warnings():  # said once, for the first pair
+            warnings.simplefilter("ignore", RuntimeWarning)
+            at_size(a, b, hw, what)
     n, batch_size = device_defaults(device, opts.samples, opts.batch_size, probes.total)
     chosen = {"samples": opts.samples is None and probes.total is None, "batch_size": opts.batch_size is None}
     opts = dataclasses.replace(opts, batch_size=batch_size)
@@ -66,26 +112,86 @@ def compare_checkpoints(
 
     norm = resolve(opts.normalize, bands, probes.band_names, embedded=probes.path is None, raw=probes.raw)
     model_pre = build_model(a, device=device)
-    model_ft = build_model(b, device=device)
+    models_ft = [build_model(b, device=device) for b in bs]
+    seconds: dict[str, float] = {"load": time.perf_counter() - started}
     if opts.names:
         names = resolve_sublayers(model_pre, list(opts.names))
     else:
         names = resolve_sublayers(model_pre, kinds=tuple(opts.sublayers))
     batches, n, data_desc, shape = cut_batches(probes, opts, n, batch_size, hw, norm)
-    check_memory(model_pre, names, shape, opts, n, device)
+    check_memory(model_pre, names, shape, opts, n, device, runs=len(bs))
     if opts.progress is not False:
-        _say_plan(a, names, n, batch_size, hw, device, data_desc, norm.name, chosen)
-    result = run_cka(model_pre, model_ft, names, batches, opts, n)
-    out = build_results(result, names, opts, a, b, pair, data_desc, device)
-    out.settings.update({
-        "image_size": [hw[0], hw[1]],
-        "native_image_size": list(native_hw(a)),
-        "pos_embed_resample": resample,
-        "bands": list(probes.band_names) if probes.band_names else None,
-        "normalize": norm.record(),
-        "defaults_by_device": {k: v for k, v in chosen.items() if v} or None,
-    })
-    return out
+        _say_plan(a, names, n, batch_size, hw, device, data_desc, norm.name, chosen, runs=len(bs))
+    results = run_many(model_pre, models_ft, names, batches, opts, n, timings=seconds, sync=False)
+    outs = []
+    for result, b, pair in zip(results, bs, pairs, strict=True):
+        t = time.perf_counter()
+        out = build_results(result, names, opts, a, b, pair, data_desc, device)
+        seconds["bootstrap"] = seconds.get("bootstrap", 0.0) + time.perf_counter() - t
+        out.settings.update({
+            "image_size": [hw[0], hw[1]],
+            "native_image_size": list(native_hw(a)),
+            "pos_embed_resample": resample,
+            "bands": list(probes.band_names) if probes.band_names else None,
+            "normalize": norm.record(),
+            "defaults_by_device": {k: v for k, v in chosen.items() if v} or None,
+        })
+        outs.append(out)
+    cost = stage_seconds(seconds, time.perf_counter() - started, len(bs))
+    for out in outs:
+        out.settings["seconds"] = cost  # one record, shared by the runs (and completed by the CLI)
+    return outs
+
+
+def stage_seconds(timings: dict[str, float], total: float, runs: int) -> dict[str, Any]:
+    """The cost of a comparison per stage, in seconds: ``load`` (files and models),
+    ``forward`` (forward passes, own change excluded), ``own_change`` (fine-tuned sublayers
+    applied to the pretrained inputs), ``cka`` (grams, HSIC terms, the matrix),
+    ``bootstrap`` (intervals and records), ``figures`` (None until drawn), ``total``, and
+    the ``runs`` that shared them."""
+    own = timings.get("own_change", 0.0)
+    return {
+        "load": round(timings.get("load", 0.0), 4),
+        "forward": round(max(timings.get("forward", 0.0) - own, 0.0), 4),
+        "own_change": round(own, 4),
+        "cka": round(timings.get("cka", 0.0), 4),
+        "bootstrap": round(timings.get("bootstrap", 0.0), 4),
+        "figures": None,
+        "total": round(total, 4),
+        "runs": runs,
+    }
+
+
+@contextlib.contextmanager
+def timed(settings: dict) -> Iterator[None]:
+    """Add the seconds of the block to ``settings["seconds"]``'s ``figures`` and ``total``."""
+    start = time.perf_counter()
+    yield
+    spent = time.perf_counter() - start
+    seconds = settings.get("seconds")
+    if isinstance(seconds, dict):
+        seconds["figures"] = round((seconds.get("figures") or 0.0) + spent, 4)
+        seconds["total"] = round(seconds.get("total", 0.0) + spent, 4)
+
+
+def say_cost(seconds: dict[str, Any]) -> str:
+    """The final progress line: the total and what each stage took."""
+    from cka_geo.compare.run import _span
+
+    parts = [f"{label} {_span(seconds[key])}" for key, label in (
+        ("load", "load"), ("forward", "forwards"), ("own_change", "own change"), ("cka", "CKA"),
+        ("bootstrap", "bootstrap"), ("figures", "figures")) if seconds.get(key) is not None]
+    return f"cka-geo compare: done in {_span(seconds['total'])} ({', '.join(parts)})"
+
+
+def _check_pair(a: LoadedCheckpoint, b: LoadedCheckpoint) -> Any:
+    """:func:`check_pair`, its refusal of two architectures hinting at ``--cross``."""
+    try:
+        return check_pair(a, b)
+    except ArchitectureMismatchError as exc:
+        raise ArchitectureMismatchError(
+            f"{exc}; to compare two architectures layer against layer use --cross (compare_cross)"
+        ) from None
 
 
 def compare_models(
@@ -114,7 +220,7 @@ def _load_any(x: Any, opts: CompareOptions) -> LoadedCheckpoint:
 
 def _say_plan(
     a: LoadedCheckpoint, names: list[str], n: int, batch: int, hw: tuple[int, int],
-    device: Any, data: str, norm: str, chosen: dict[str, bool],
+    device: Any, data: str, norm: str, chosen: dict[str, bool], runs: int = 1,
 ) -> None:
     """One stderr line: what the run will do (model, samples, batches, size, device)."""
     import math
@@ -132,7 +238,8 @@ def _say_plan(
     dflt = f" ({' and '.join(by)}: {device.type.upper()} default)" if by else ""
     print(
         f"cka-geo compare: {model}; {n} images of {data} at {hw[0]}x{hw[1]} px in "
-        f"{math.ceil(n / batch)} batches of {batch}{dflt}; normalize {norm}; {len(names)} sublayers; device {where}",
+        f"{math.ceil(n / batch)} batches of {batch}{dflt}; normalize {norm}; {len(names)} sublayers; device {where}"
+        + (f"; {runs} fine-tuned checkpoints, the pretrained forward shared" if runs > 1 else ""),
         file=sys.stderr,
         flush=True,
     )

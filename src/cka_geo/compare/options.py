@@ -74,6 +74,10 @@ class CompareOptions:
         wavelengths: DOFA only: the input bands' wavelengths in µm or band names (default:
             band names stored in the file, else the 13 Sentinel-2 L1C bands).
         own_change: Also compute each sublayer's own change.
+        own_kinds: The sublayer kinds whose own change is computed (None: every compared
+            kind). Each costs what its fine-tuned module costs on the pretrained input: the
+            ``block`` view runs every fine-tuned block again, at most one more forward of the
+            fine-tuned model; ``attn``, ``fc1``, ``fc2`` together about as much again.
         bootstrap: Replicates of the percentile bootstrap (0: no intervals at all).
         confidence: Level of the intervals.
         interval: ``"jackknife-t"`` (default: delete-one-batch jackknife standard error with
@@ -107,6 +111,7 @@ class CompareOptions:
     act: str | None = None
     wavelengths: tuple[float | str, ...] | None = None
     own_change: bool = True
+    own_kinds: tuple[str, ...] | None = None
     bootstrap: int = 1000
     confidence: float = 0.95
     interval: str = "jackknife-t"
@@ -122,6 +127,14 @@ class CompareOptions:
         bad = [s for s in self.sublayers if s not in SUBLAYER_KINDS]
         if bad or not self.sublayers:
             raise UsageError(f"unknown sublayer {bad[0] if bad else '(none)'!r}; choose from {', '.join(SUBLAYER_KINDS)}")
+        if self.own_kinds is not None:
+            allowed = SUBLAYER_KINDS if self.names else self.sublayers
+            bad = [k for k in self.own_kinds if k not in allowed]
+            if bad or not self.own_kinds:
+                raise UsageError(
+                    f"--own-change: {bad[0] if bad else '(none)'!r} is not among the compared sublayers "
+                    f"({', '.join(allowed)}); --no-own-change for none"
+                )
         if self.pooling not in POOLINGS:
             raise UsageError(f"unknown pooling {self.pooling!r}; choose from {', '.join(POOLINGS)}")
         if self.samples is not None and self.samples < min_samples(self.estimator):
@@ -151,6 +164,18 @@ class CompareOptions:
             raise UsageError(f"--forward-precision {self.forward_precision!r}: choose from {', '.join(FORWARD_PRECISIONS)}")
         if self.bands is not None and not self.bands:
             raise UsageError("--bands needs at least one band name")
+
+
+def own_names(names: list[str], opts: CompareOptions) -> list[str]:
+    """The sublayers whose own change is computed, in ``names`` order (none without
+    ``opts.own_change``; explicit ``names`` all, unless ``own_kinds`` chooses)."""
+    if not opts.own_change:
+        return []
+    if opts.own_kinds is None:
+        return list(names)
+    from cka_geo.sublayers import kind_of
+
+    return [n for n in names if kind_of(n) in opts.own_kinds]
 
 
 def resolve_device(device: str) -> torch.device:

@@ -234,7 +234,8 @@ def plot_all(
     vmin: float | None = None,
     vmax: float | None = None,
 ) -> list[Path]:
-    """Write the heatmap, the depth profile and the change bars in every format.
+    """Write the heatmap, the depth profile and the change bars in every format (of a
+    ``--cross`` result: its L_A x L_B heatmap only, :func:`cka_geo.plotting.cross.plot_cross`).
 
     All figures are drawn to temporary files first and renamed into place only when every
     one of them succeeded: a failure leaves no new file behind.
@@ -258,6 +259,10 @@ def plot_all(
         UsageError: An unknown format, colormap or range, no format, a bad dpi, a
             non-finite bound or ``vmin >= vmax``.
     """
+    if results.get("mode") == "cross":  # every layer of A against every layer of B: the heatmap only
+        from cka_geo.plotting.cross import plot_cross
+
+        return plot_cross(results, out_dir, formats, dpi=dpi, cmap=cmap, range=range, vmin=vmin, vmax=vmax)
     r = _parse(results)
     fmts = list(dict.fromkeys(_check_format(f) for f in formats))
     if not fmts:
