@@ -68,10 +68,6 @@ CROP_SHA256 = "2b8095c3ffdfcce042983b6e75c8f42f075b57fa811d9027daeff1d9538963c4"
 def test_training_crop_is_bit_identical_to_the_former_crop() -> None:
     bands, meta = emb.load_embedded_scene()
     assert hashlib.sha256(np.ascontiguousarray(bands).tobytes()).hexdigest() == CROP_SHA256
-    old = resources.files("cka_geo.data") / "s2_l1c_crop.npz"
-    if old.is_file():  # the former file, while it is still in the tree
-        with old.open("rb") as fh, np.load(fh) as npz:
-            assert np.array_equal(npz["bands"], bands)
     # it is the window the sidecar names, of the whole scene on the 10 m grid
     scene, smeta = full_scene()
     r, c = smeta["crop"]["row_in_scene"], smeta["crop"]["col_in_scene"]

@@ -157,10 +157,12 @@ def _embedded(
     more = f" and {n - k} overlapping ones" if n > k else ""
     desc = f"the embedded Sentinel-2 L1C scene ({min(n, k)} of its {k} distinct {ch}x{cw} crops{more}, seed {opts.seed})"
     scene = norm.name == "scene"  # the z-scored scene, as before presets (bit-identical)
-    batches = iter_probe_batches(n, bands=names, size=hw, batch_size=batch_size, seed=opts.seed, normalized=scene)
-    if not scene:
-        batches = (norm.apply(b) for b in batches)
-    return batches, n, desc, (len(names), h, w)
+
+    def batches() -> Iterator[torch.Tensor]:  # planned at the first batch: after the memory check
+        for b in iter_probe_batches(n, bands=names, size=hw, batch_size=batch_size, seed=opts.seed, normalized=scene):
+            yield b if scene else norm.apply(b)
+
+    return batches(), n, desc, (len(names), h, w)
 
 
 def embedded_record(hw: tuple[int, int], n: int) -> dict[str, Any]:
