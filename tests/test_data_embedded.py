@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
+import warnings
 from importlib import resources
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from cka_geo.data import embedded as emb
+from cka_geo.data import probes
+from cka_geo.data.scene import decode_band, encode_band, full_scene
 from cka_geo.errors import DataError, UsageError
 
 
@@ -44,13 +50,64 @@ def test_metadata_sidecar() -> None:
     assert len(wl) == 13 and wl[emb.BAND_NAMES.index("B8")] < wl[emb.BAND_NAMES.index("B8A")]
     assert {"row0", "col0", "height", "width"} <= set(meta["window"])
     assert (meta["window"]["height"], meta["window"]["width"]) == (640, 640)
+    assert meta["scene"]["shape"] == [13, 1707, 1693]
     assert meta["epsg"] == 32618
 
 
 def test_package_data_size_limit() -> None:
     root = resources.files("cka_geo.data")
-    total = sum((root / n).read_bytes().__len__() for n in ("s2_l1c_crop.npz", "s2_l1c_crop.json"))
-    assert total <= 8 * 1024 * 1024
+    total = sum((root / n).read_bytes().__len__() for n in ("s2_l1c_scene.npz", "s2_l1c_scene.json"))
+    assert total <= 16_000_000
+
+
+#: sha256 of the 640 x 640 training crop's uint16 bytes (C order) as the 640 x 640 npz shipped
+#: before the whole scene held them: training tiles, labels and statistics stay bit-identical.
+CROP_SHA256 = "2b8095c3ffdfcce042983b6e75c8f42f075b57fa811d9027daeff1d9538963c4"
+
+
+def test_training_crop_is_bit_identical_to_the_former_crop() -> None:
+    bands, meta = emb.load_embedded_scene()
+    assert hashlib.sha256(np.ascontiguousarray(bands).tobytes()).hexdigest() == CROP_SHA256
+    # it is the window the sidecar names, of the whole scene on the 10 m grid
+    scene, smeta = full_scene()
+    r, c = smeta["crop"]["row_in_scene"], smeta["crop"]["col_in_scene"]
+    assert np.array_equal(scene[:, r : r + 640, c : c + 640], bands)
+    assert (meta["window"]["row0"], meta["window"]["col0"]) == (560, 420)
+    assert smeta["window"]["row0"] + r == 560 and smeta["window"]["col0"] + c == 420
+
+
+def test_scene_bands_stay_on_their_native_grids_and_round_trip() -> None:
+    root = resources.files("cka_geo.data")
+    scene, meta = full_scene()
+    assert scene.shape == (13, 1707, 1693) and not scene.flags.writeable
+    with (root / "s2_l1c_scene.npz").open("rb") as fh, np.load(fh) as npz:
+        for i, (name, res) in enumerate(zip(meta["band_names"], meta["native_resolution_m"], strict=True)):
+            stored = decode_band(npz[name])
+            assert meta["grids"][name]["pixel_size"] == res
+            # stored at native resolution: ~1707 / (res / 10) rows, never upsampled
+            assert abs(stored.shape[0] - 1707 * 10 / res) <= 2 and abs(stored.shape[1] - 1693 * 10 / res) <= 2
+            k = res // 10
+            # nearest neighbour in map coordinates: each coarse pixel is a k x k block of the 10 m grid
+            g = meta["grids"][name]
+            dy = round((g["y0"] - meta["window"]["y0"]) / 10.0)
+            dx = round((meta["window"]["x0"] - g["x0"]) / 10.0)
+            rows = (np.arange(1707) + dy) // k
+            cols = (np.arange(1693) + dx) // k
+            assert dy >= 0 and dx >= 0
+            assert np.array_equal(scene[i], stored[rows[:, None], cols[None, :]])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 6), st.integers(0, 2**32 - 1))
+def test_band_encoding_round_trips(h: int, w: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 2**16, size=(h, w), dtype=np.uint16)
+    values[0, 0] = 65535
+    planes = encode_band(values)
+    assert planes.dtype == np.uint8 and planes.shape == (2, h, w)
+    assert np.array_equal(decode_band(planes), values)
+    smooth = np.full((h, w), 3000, dtype=np.uint16)
+    assert not encode_band(smooth)[:, 1:].any()  # equal rows: zero residuals
 
 
 def test_band_statistics_match_float64_reference() -> None:
@@ -196,23 +253,121 @@ def test_probe_images_shapes(bands: int, size: int) -> None:
     assert torch.isfinite(x).all()
 
 
+def _scene_z(idx: list[int]) -> np.ndarray:
+    """Independent float64 reference of the normalised whole scene (training-crop stats)."""
+    scene, _ = full_scene()
+    crop, _ = emb.load_embedded_scene()
+    ref = crop.reshape(13, -1).astype(np.float64)
+    mean, std = ref.mean(axis=1), ref.std(axis=1)
+    return (scene[idx].astype(np.float64) - mean[idx, None, None]) / std[idx, None, None]
+
+
 def test_probe_images_content_and_band_rule() -> None:
     assert emb.select_bands(12) == tuple(b for b in emb.BAND_NAMES if b != "B10")
     assert emb.select_bands(10) == ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12")
     assert emb.select_bands(6) == ("B2", "B3", "B4", "B8A", "B11", "B12")
     assert emb.select_bands(3) == ("B4", "B3", "B2")
-    x13 = emb.probe_images(4, bands=13, size=32, seed=7)
-    x3 = emb.probe_images(4, bands=3, size=32, seed=7)
+    x13 = emb.probe_images(4, bands=13, size=(32, 48), seed=7)
+    x3 = emb.probe_images(4, bands=3, size=(32, 48), seed=7)
+    assert x13.shape == (4, 13, 32, 48)
     # same crops, bands picked from the 13
     assert torch.equal(x3, x13[:, [3, 2, 1]])
-    # documented positions: default_rng(seed), n rows then n columns, uniform
-    rng = np.random.default_rng(7)
-    rows = rng.integers(0, 640 - 32 + 1, size=4)
-    cols = rng.integers(0, 640 - 32 + 1, size=4)
-    norm = torch.from_numpy(emb.normalized_scene())
-    for i in range(4):
-        r, c = int(rows[i]), int(cols[i])
-        assert torch.equal(x13[i], norm[:, r : r + 32, c : c + 32])
+    # documented positions: the centred grid of non-overlapping crops, permuted by default_rng(seed)
+    h, w = probes.scene_shape()
+    ny, nx = h // 32, w // 48
+    oy, ox = (h - 32 * ny) // 2, (w - 48 * nx) // 2
+    order = np.random.default_rng(7).permutation(ny * nx)[:4]
+    z = _scene_z(list(range(13)))
+    for i, k in enumerate(order):
+        r, c = oy + 32 * (k // nx), ox + 48 * (k % nx)
+        np.testing.assert_allclose(x13[i].numpy(), z[:, r : r + 32, c : c + 48], rtol=1e-6, atol=1e-6)
+
+
+def test_probe_pixels_equal_the_scene_normalisation_of_the_crop() -> None:
+    # every default probe lying inside the training crop equals normalized_scene there, bit for bit
+    _, meta = full_scene()
+    r0, c0 = meta["crop"]["row_in_scene"], meta["crop"]["col_in_scene"]
+    norm = emb.normalized_scene()
+    pos, _, _, k = probes._probe_plan(probes.distinct_crops(64), 13, 64, 0, None)
+    x = emb.probe_images(k, bands=13, size=64)
+    inside = [i for i, (r, c) in enumerate(pos) if r0 <= r <= r0 + 576 and c0 <= c <= c0 + 576]
+    assert len(inside) >= 49
+    for i in inside:
+        r, c = pos[i][0] - r0, pos[i][1] - c0
+        assert torch.equal(x[i], torch.from_numpy(norm[:, r : r + 64, c : c + 64].copy()))
+
+
+def _brute_force_packing(h: int, w: int, ch: int, cw: int) -> int:
+    """Most non-overlapping ch x cw crops in an h x w grid, by exhaustive search."""
+    free = np.ones((h, w), dtype=bool)
+    best = 0
+
+    def go(cell: int, placed: int) -> None:
+        nonlocal best
+        best = max(best, placed)
+        if placed + int(free.ravel()[cell:].sum()) // (ch * cw) <= best:
+            return
+        while cell < h * w and not free.ravel()[cell]:
+            cell += 1
+        if cell == h * w:
+            return
+        r, c = divmod(cell, w)
+        if r + ch <= h and c + cw <= w and free[r : r + ch, c : c + cw].all():
+            free[r : r + ch, c : c + cw] = False
+            go(cell + 1, placed + 1)
+            free[r : r + ch, c : c + cw] = True
+        free[r, c] = False  # leave this cell uncovered
+        go(cell + 1, placed)
+        free[r, c] = True
+
+    go(0, 0)
+    return best
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 7), st.integers(1, 7), st.integers(1, 4), st.integers(1, 4))
+def test_distinct_count_is_the_most_non_overlapping_crops(h: int, w: int, ch: int, cw: int) -> None:
+    assume(ch <= h and cw <= w)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(probes, "scene_shape", lambda: (h, w))
+        assert probes.distinct_crops((ch, cw)) == _brute_force_packing(h, w, ch, cw)
+
+
+def test_distinct_counts_of_the_shipped_scene() -> None:
+    assert probes.scene_shape() == (1707, 1693)
+    table = {64: 676, 96: 289, 112: 225, 120: 196, 128: 169, 196: 64, 224: 49, 256: 36, 384: 16, 518: 9}
+    assert {s: probes.distinct_crops(s) for s in table} == table
+    assert probes.distinct_crops((224, 448)) == 7 * 3
+    assert probes.distinct_crops(4000) == 1  # larger than the scene: one (resized) crop
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(150, 600), st.integers(150, 600), st.integers(0, 2**16))
+def test_default_probes_are_distinct_non_overlapping_crops(h: int, w: int, seed: int) -> None:
+    k = probes.distinct_crops((h, w))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning up to the distinct count
+        pos, _, crop, count = probes._probe_plan(k, 1, (h, w), seed, None)
+    assert crop == (h, w) and count == k and len(pos) == k
+    sh, sw = probes.scene_shape()
+    assert (pos >= 0).all() and (pos[:, 0] + h <= sh).all() and (pos[:, 1] + w <= sw).all()
+    dr = np.abs(pos[:, None, 0] - pos[None, :, 0])
+    dc = np.abs(pos[:, None, 1] - pos[None, :, 1])
+    apart = (dr >= h) | (dc >= w)
+    assert apart[~np.eye(k, dtype=bool)].all()
+
+
+def test_more_probes_than_distinct_crops_overlap_with_one_warning() -> None:
+    k = probes.distinct_crops(518)
+    with pytest.warns(RuntimeWarning) as rec:
+        x = emb.probe_images(k + 3, bands=1, size=518, seed=1)
+    msgs = [str(r.message) for r in rec if issubclass(r.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "\n" not in msgs[0]
+    assert f"holds {k} distinct non-overlapping 518x518 crops" in msgs[0] and "other 3" in msgs[0]
+    first = emb.probe_images(k, bands=1, size=518, seed=1)
+    assert torch.equal(x[:k], first)  # the distinct crops come first, unchanged
+    flat = x.reshape(len(x), -1)
+    assert len({tuple(row[:64].tolist()) for row in flat}) == len(x)  # all distinct images
 
 
 def test_probe_images_deterministic_by_seed_and_batched() -> None:
@@ -228,11 +383,11 @@ def test_probe_images_deterministic_by_seed_and_batched() -> None:
 def test_probe_images_resize_when_crop_smaller() -> None:
     x = emb.probe_images(2, bands=3, size=64, crop=16, seed=0)
     assert x.shape == (2, 3, 64, 64)
-    small = emb.probe_images(2, bands=3, size=16, seed=0)
+    small = emb.probe_images(2, bands=3, size=16, crop=16, seed=0)
     ref = torch.nn.functional.interpolate(small, size=(64, 64), mode="bilinear")
     assert torch.allclose(x, ref)
-    big = emb.probe_images(1, bands=1, size=800)  # larger than the scene: whole scene, resized
-    assert big.shape == (1, 1, 800, 800)
+    assert probes.crop_side(4000) == (1693, 1693)  # larger than the scene: the largest square
+    assert probes.crop_side((4000, 2000)) == (1707, 853)  # same aspect
 
 
 @pytest.mark.parametrize("count", [2, 5, 7, 8, 9, 11, 14])
@@ -249,7 +404,9 @@ def test_probe_images_bad_arguments() -> None:
     with pytest.raises(UsageError):
         emb.probe_images(2, bands=3, size=0)
     with pytest.raises(UsageError):
-        emb.probe_images(2, bands=3, size=16, crop=1000)
+        emb.probe_images(2, bands=3, size=16, crop=2000)
+    with pytest.raises(UsageError):
+        emb.probe_images(2, bands=3, size=(16, 16, 16))
 
 
 def test_import_stays_light() -> None:
@@ -264,7 +421,7 @@ def test_import_stays_light() -> None:
 
 def test_sidecar_json_is_valid_and_matches_npz() -> None:
     root = resources.files("cka_geo.data")
-    meta = json.loads((root / "s2_l1c_crop.json").read_text())
-    bands, _ = emb.load_embedded_scene()
+    meta = json.loads((root / "s2_l1c_scene.json").read_text())
+    bands, _ = full_scene()
     assert meta["shape"] == list(bands.shape)
     assert meta["dtype"] == "uint16"

@@ -14,9 +14,11 @@ import torch
 from cka_geo.checkpoints import save_checkpoint
 from cka_geo.cli import main
 from cka_geo.compare import CompareOptions, compare_checkpoints
-from cka_geo.compare.inputs import canonical_band, device_defaults
+from cka_geo.compare.inputs import canonical_band, default_image_size, device_defaults
 from cka_geo.data import embedded as emb
+from cka_geo.data import probes as probes_mod
 from cka_geo.data.normalize import IMAGENET_MEAN, IMAGENET_STD, looks_raw, resolve
+from cka_geo.data.scene import full_scene
 from cka_geo.errors import DataError
 from cka_geo.models.vit_layers import resample_pos_embed
 from cka_geo.vit import VisionTransformer, ViTConfig
@@ -150,8 +152,8 @@ def test_imagenet_probes_are_the_formula_on_the_raw_crops():
     norm = resolve("imagenet", 3, probes.band_names, embedded=True, raw=True)
     batches, *_ = cut_batches(probes, CompareOptions(), 4, 4, (16, 16), norm)
     got = next(iter(batches))
-    pos, idx, _ = emb._probe_plan(4, ["B4", "B3", "B2"], 16, 0, None)
-    scene, _ = emb._raw_scene()
+    pos, idx, _, _ = probes_mod._probe_plan(4, ["B4", "B3", "B2"], 16, 0, None)
+    scene, _ = full_scene()
     r, c = pos[0]
     raw = scene[idx, r : r + 16, c : c + 16].astype(np.float64) / 10000
     want = (raw - np.array(IMAGENET_MEAN)[:, None, None]) / np.array(IMAGENET_STD)[:, None, None]
@@ -222,6 +224,85 @@ def test_device_defaults_leave_ten_batches():
     assert device_defaults(torch.device("cpu"), 100, 50, None) == (100, 50)  # given: kept
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("distinct", [9, 40, 49, 64, 225, 289, 676, 5000])
+def test_embedded_defaults_never_exceed_the_distinct_crops(device, distinct):
+    dev = torch.device(device)
+    n, b = device_defaults(dev, None, None, None, distinct)
+    cap = {"cpu": 512, "cuda": 2048}[device]
+    assert n <= min(cap, distinct) and n > min(cap, distinct) - b  # whole batches, at most one cut
+    assert n % b == 0 and b >= 4
+    if distinct >= 40:
+        assert n // b >= 10  # at least 10 batches behind every interval
+    # the user's choices win, and --data is not capped by the scene
+    assert device_defaults(dev, 700, None, None, distinct)[0] == 700
+    assert device_defaults(dev, None, 7, None, distinct) == (min(cap, distinct), 7)
+    assert device_defaults(dev, None, None, 123, distinct)[0] == 123
+
+
+def _distinct(hw):
+    return (1707 // hw[0]) * (1693 // hw[1])
+
+
+def test_default_image_size_by_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # CPU: min(native, 224) per side, rounded down to the patch multiple
+    assert default_image_size((518, 518), 14, cpu, _distinct) == (224, 224)  # DINOv2 ViT-S/14
+    assert default_image_size((224, 224), 16, cpu, _distinct) == (224, 224)
+    assert default_image_size((384, 384), 16, cpu, _distinct) == (224, 224)
+    assert default_image_size((256, 256), 10, cpu, _distinct) == (220, 220)
+    assert default_image_size((96, 96), 8, cpu, _distinct) == (96, 96)  # smaller than 224: native
+    assert default_image_size((120, 264), 12, cpu, _distinct) == (120, 216)
+    # CUDA: the native size, unless the scene holds fewer than 40 distinct crops there
+    assert default_image_size((224, 224), 16, cuda, _distinct) == (224, 224)
+    assert default_image_size((120, 120), 8, cuda, _distinct) == (120, 120)
+    hw = default_image_size((518, 518), 14, cuda, _distinct)
+    assert hw == (238, 238) and _distinct(hw) >= 40 and _distinct((252, 252)) < 40
+    assert default_image_size((512, 512), 16, cuda, _distinct) == (240, 240)
+
+
+#: A DINOv2-ViT-S/14-shaped toy: 518 px native, patch 14 (narrow and shallow, to stay fast).
+CFG518 = ViTConfig(img_size=518, patch_size=14, in_chans=3, embed_dim=24, depth=2, num_heads=2)
+
+
+def test_default_run_on_the_embedded_scene_records_its_choices(tmp_path, capsys):
+    pre, ft = make_pair(tmp_path, CFG518)
+    with pytest.warns(RuntimeWarning, match="pos_embed resampled from a 37x37 to a 16x16 patch grid"):
+        res = compare_checkpoints(pre, ft, bootstrap=50)
+    st = res["settings"]
+    # CPU: 224 px, capped at the 49 distinct 224 px crops, cut to 12 whole batches of 4
+    assert st["image_size"] == [224, 224] and st["native_image_size"] == [518, 518]
+    assert st["samples"] == 48 and st["batch_size"] == 4 and st["batches"] == 12
+    assert st["defaults_by_device"] == {"image_size": True, "samples": True, "batch_size": True}
+    assert st["probe_crops"] == {"scene": [1707, 1693], "crop": [224, 224], "distinct": 49, "overlapping": 0}
+    assert "48 of its 49 distinct 224x224 crops" in st["data"]
+    plan = [ln for ln in capsys.readouterr().err.splitlines() if "batches of" in ln]
+    assert "48 images" in plan[0] and "of its 49 distinct 224x224 crops" in plan[0] and "224x224 px" in plan[0]
+    assert "12 batches of 4 (image size, samples, batch size: CPU default)" in plan[0]
+
+
+def test_samples_beyond_the_distinct_crops_warn_and_are_recorded(tmp_path):
+    pre, ft = make_pair(tmp_path, CFG518)
+    with pytest.warns(RuntimeWarning, match="holds 49 distinct non-overlapping 224x224 crops: the other 8"):
+        res = compare_checkpoints(pre, ft, samples=57, bootstrap=50, progress=False)
+    st = res["settings"]
+    assert st["batch_size"] == 5 and st["samples"] == 55 and st["samples_skipped"] == 2  # a last batch of 2
+    assert st["probe_crops"]["distinct"] == 49 and st["probe_crops"]["overlapping"] == 6
+    assert "49 of its 49 distinct 224x224 crops and 8 overlapping ones" in st["data"]
+    assert st["defaults_by_device"] == {"image_size": True, "batch_size": True}
+
+
+def test_user_data_keeps_its_size_and_count(tmp_path):
+    pre, ft = make_pair(tmp_path, CFG518)
+    data = tmp_path / "d.npy"
+    np.save(data, np.random.default_rng(0).normal(size=(40, 3, 28, 28)).astype(np.float32))
+    with pytest.warns(RuntimeWarning, match="pos_embed resampled"):
+        res = compare_checkpoints(pre, ft, data=str(data), bootstrap=50, progress=False)
+    st = res["settings"]
+    assert st["image_size"] == [28, 28] and st["samples"] == 40 and st["probe_crops"] is None
+    assert st["defaults_by_device"] == {"batch_size": True}
+
+
 def test_plan_estimate_and_plain_progress_lines_on_stderr(tmp_path, capsys):
     pre, ft = make_pair(tmp_path)
     res = compare_checkpoints(pre, ft, samples=80, bootstrap=50)
@@ -232,7 +313,7 @@ def test_plan_estimate_and_plain_progress_lines_on_stderr(tmp_path, capsys):
     assert any("estimated total" in ln for ln in err)
     assert sum("% )" in ln or " %)" in ln for ln in err) >= 3  # about every 10 %
     assert res["settings"]["batch_size"] == 8 and res["settings"]["batches"] == 10
-    assert res["settings"]["defaults_by_device"] == {"batch_size": True}
+    assert res["settings"]["defaults_by_device"] == {"image_size": True, "batch_size": True}
     compare_checkpoints(pre, ft, samples=40, bootstrap=50, progress=False)
     assert capsys.readouterr().err == ""
 

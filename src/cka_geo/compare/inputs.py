@@ -6,18 +6,22 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from cka_geo.checkpoints import LoadedCheckpoint
 from cka_geo.errors import DataError, UsageError
 
-#: Default (samples, batch size) of the embedded probes per device type: 16 batches each, so
-#: that at least 10 batches feed every bootstrap interval.
+#: Default (samples, batch size) of the embedded probes per device type, before the cap by
+#: the distinct crops of the scene (:func:`cka_geo.data.distinct_crops`).
 DEVICE_DEFAULTS = {"cpu": (512, 32), "cuda": (2048, 128)}
 #: Fewest batches a default batch size leaves for the intervals.
 MIN_DEFAULT_BATCHES = 10
+#: Largest default image side on CPU (a ViT-S/14 compare stays well under 5 minutes on 2 cores).
+CPU_MAX_SIDE = 224
+#: Fewest distinct default probes: 10 batches of the 4 images the unbiased estimator needs.
+MIN_DEFAULT_PROBES = 4 * MIN_DEFAULT_BATCHES
 
 RESAMPLE_RULES = {
     True: "bicubic with antialias to the new grid (timm resample_abs_pos_embed)",
@@ -26,20 +30,62 @@ RESAMPLE_RULES = {
 }
 
 
-def device_defaults(device: torch.device, samples: int | None, batch_size: int | None, available: int | None) -> tuple[int, int]:
+def device_defaults(
+    device: torch.device,
+    samples: int | None,
+    batch_size: int | None,
+    available: int | None,
+    distinct: int | None = None,
+) -> tuple[int, int]:
     """(samples, batch size) where not given: by device, leaving at least 10 batches.
+
+    The embedded default is the device's sample count capped by ``distinct``; with the batch
+    size also by default, it is cut to whole batches (the last one is never a stub).
 
     Args:
         device: The resolved device (``cuda`` gets larger defaults than ``cpu``).
         samples: ``--samples`` or None.
         batch_size: ``--batch-size`` or None.
         available: Images in ``--data`` (None for the embedded set).
+        distinct: Distinct crops of the embedded scene at the run's size (None: no cap).
     """
     dflt_n, dflt_b = DEVICE_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    embedded_default = samples is None and available is None
     n = samples if samples is not None else (available if available is not None else dflt_n)
+    if embedded_default and distinct is not None:
+        n = min(n, distinct)
     if batch_size is None:
         batch_size = max(4, min(dflt_b, n // MIN_DEFAULT_BATCHES))
+        if embedded_default and n >= batch_size:
+            n -= n % batch_size
     return n, batch_size
+
+
+def default_image_size(
+    native: tuple[int, int], patch: int, device: torch.device, distinct: Callable[[tuple[int, int]], int]
+) -> tuple[int, int]:
+    """The image size of a default run on the embedded probes.
+
+    On CPU: ``min(native, 224)`` per side, rounded down to a multiple of the patch size (a
+    518-px DINOv2 runs at 224). On CUDA: the native size. On either, if the scene holds fewer
+    than :data:`MIN_DEFAULT_PROBES` distinct crops at that size, the largest patch multiple
+    below it (same aspect) that holds that many.
+
+    Args:
+        native: The checkpoint's (height, width).
+        patch: Its patch size.
+        device: The resolved device.
+        distinct: Distinct crops of the scene at a (height, width).
+    """
+
+    def fit(side: int, cap: int) -> int:
+        return side if side <= cap else max(patch, cap // patch * patch)
+
+    hw = native if device.type == "cuda" else (fit(native[0], CPU_MAX_SIDE), fit(native[1], CPU_MAX_SIDE))
+    while distinct(hw) < MIN_DEFAULT_PROBES and max(hw) > patch:
+        top = max(hw)  # one patch off the longer side, the aspect kept
+        hw = (fit(hw[0], hw[0] * (top - patch) // top), fit(hw[1], hw[1] * (top - patch) // top))
+    return hw
 
 
 def parse_size(values: Sequence[int] | int | None) -> tuple[int, int] | None:

@@ -14,10 +14,17 @@ from torch import nn
 
 from cka_geo.checkpoints import LoadedCheckpoint, build_model, check_pair, load_checkpoint
 from cka_geo.compare.build import build_results, share_stored_heads
-from cka_geo.compare.inputs import at_size, device_defaults, native_hw, parse_size
+from cka_geo.compare.inputs import (
+    at_size,
+    default_image_size,
+    device_defaults,
+    native_hw,
+    parse_size,
+)
 from cka_geo.compare.options import CompareOptions, resolve_device
-from cka_geo.compare.probes import cut_batches, open_probes
+from cka_geo.compare.probes import cut_batches, embedded_record, open_probes
 from cka_geo.compare.run import check_memory, run_many
+from cka_geo.data.probes import distinct_crops
 from cka_geo.errors import ArchitectureMismatchError, UsageError
 from cka_geo.features import resolve_sublayers
 from cka_geo.results import CompareResult
@@ -98,15 +105,19 @@ def compare_many(
         pairs.append(_check_pair(a, b))
     bands = int(a.config.in_chans)
     probes = open_probes(opts, bands)
-    hw = parse_size(opts.image_size) or probes.hw or native_hw(a)
+    hw = parse_size(opts.image_size) or probes.hw
+    chosen = {"image_size": hw is None}
+    if hw is None:  # the embedded scene at the device's default size
+        hw = default_image_size(native_hw(a), int(getattr(a.config, "patch_size", 1)), device, distinct_crops)
     what = f"{opts.data} (--data)" if opts.data and opts.image_size is None else "--image-size"
     resample = at_size(a, bs[0], hw, what)
     for b in bs[1:]:
         with warnings.catch_warnings():  # said once, for the first pair
             warnings.simplefilter("ignore", RuntimeWarning)
             at_size(a, b, hw, what)
-    n, batch_size = device_defaults(device, opts.samples, opts.batch_size, probes.total)
-    chosen = {"samples": opts.samples is None and probes.total is None, "batch_size": opts.batch_size is None}
+    distinct = distinct_crops(hw) if probes.path is None else None
+    n, batch_size = device_defaults(device, opts.samples, opts.batch_size, probes.total, distinct)
+    chosen.update(samples=opts.samples is None and probes.total is None, batch_size=opts.batch_size is None)
     opts = dataclasses.replace(opts, batch_size=batch_size)
     from cka_geo.data.normalize import resolve
 
@@ -135,6 +146,7 @@ def compare_many(
             "bands": list(probes.band_names) if probes.band_names else None,
             "normalize": norm.record(),
             "defaults_by_device": {k: v for k, v in chosen.items() if v} or None,
+            "probe_crops": embedded_record(hw, int(out.settings.get("samples") or n)) if probes.path is None else None,
         })
         outs.append(out)
     cost = stage_seconds(seconds, time.perf_counter() - started, len(bs))
@@ -235,7 +247,7 @@ def _say_plan(
     where = str(device)
     if ranks > 1:
         where += f" x {ranks} ranks (batch i on rank i % {ranks}; progress of rank 0's batches)"
-    dflt = f" ({' and '.join(by)}: {device.type.upper()} default)" if by else ""
+    dflt = f" ({', '.join(by)}: {device.type.upper()} default)" if by else ""
     print(
         f"cka-geo compare: {model}; {n} images of {data} at {hw[0]}x{hw[1]} px in "
         f"{math.ceil(n / batch)} batches of {batch}{dflt}; normalize {norm}; {len(names)} sublayers; device {where}"

@@ -51,11 +51,14 @@ class CompareOptions:
             grows with samples, so for small N).
         pooling: ``"mean"`` (patch tokens), ``"cls"``, ``"flatten"`` or ``"tokens"``.
         samples: Probe images to use (default: all of user data; embedded: 512 on CPU,
-            2048 on CUDA).
+            2048 on CUDA, capped by the scene's distinct crops at the image size and cut to
+            whole batches; more than the distinct crops overlap them, with a warning).
         batch_size: Images per batch, the unit of the bootstrap (default: 32 on CPU, 128
             on CUDA, smaller where that leaves fewer than 10 batches).
         image_size: Pixels, N or (height, width), at which the models see the probes
-            (default: the size of ``data``, else the checkpoint's); another size than the
+            (default: the size of ``data``; embedded: on CPU ``min(checkpoint's, 224)`` per
+            side rounded down to the patch multiple, on CUDA the checkpoint's, smaller where
+            the scene holds fewer than 40 distinct crops); another size than the
             checkpoint's resamples its position embedding by the family's rule.
         bands: Sentinel-2 band names to feed (``("B04", "B03", "B02")``), chosen from the
             embedded scene or from ``data`` with a conventional band order.

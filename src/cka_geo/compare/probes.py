@@ -182,44 +182,50 @@ def _rank_folder_batches(
 def _embedded(
     probes: Probes, opts: CompareOptions, n: int, batch_size: int, hw: tuple[int, int], norm: Normalization
 ) -> tuple[Iterator[torch.Tensor], int, str, tuple[int, ...]]:
+    """Distinct crops of the embedded scene at ``hw`` (:mod:`cka_geo.data.probes`)."""
     from cka_geo.data import iter_probe_batches
+    from cka_geo.data.probes import crop_side, distinct_crops
 
     h, w = hw
     names = list(probes.band_names or ())
-    side = max(h, w)
-    desc = f"embedded Sentinel-2 L1C crops (seed {opts.seed})" + (f", cut to {h}x{w}" if h != w else "")
-    if norm.name == "scene":  # the z-scored scene, as before presets (bit-identical)
-        batches: Iterator[torch.Tensor] = iter_probe_batches(n, bands=names, size=side, batch_size=batch_size, seed=opts.seed)
-    else:
-        batches = (norm.apply(b) for b in _raw_crops(n, names, side, batch_size, opts.seed))
-    if h != w:
-        batches = (b[..., :h, :w] for b in batches)
-    return batches, n, desc, (len(names), h, w)
+    k = distinct_crops(hw)
+    ch, cw = crop_side(hw)
+    more = f" and {n - k} overlapping ones" if n > k else ""
+    desc = f"the embedded Sentinel-2 L1C scene ({min(n, k)} of its {k} distinct {ch}x{cw} crops{more}, seed {opts.seed})"
+    scene = norm.name == "scene"  # the z-scored scene, as before presets (bit-identical)
+
+    def batches() -> Iterator[torch.Tensor]:  # planned at the first batch: after the memory check
+        for b in iter_probe_batches(n, bands=names, size=hw, batch_size=batch_size, seed=opts.seed, normalized=scene):
+            yield b if scene else norm.apply(b)
+
+    return batches(), n, desc, (len(names), h, w)
 
 
-def _raw_crops(n: int, names: list[str], side: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """The crops of :func:`cka_geo.data.iter_probe_batches` (same positions), in DN."""
-    from cka_geo.data import embedded as emb
+def embedded_record(hw: tuple[int, int], n: int) -> dict[str, Any]:
+    """The ``probe_crops`` setting of a run on the embedded scene: crop, distinct, overlapping."""
+    from cka_geo.data.probes import crop_side, distinct_crops, scene_shape
 
-    pos, idx, crop = emb._probe_plan(n, names, side, seed, None)
-    scene, _meta = emb._raw_scene()
-    for start in range(0, len(pos), batch_size):
-        chunk = pos[start : start + batch_size]
-        out = torch.from_numpy(np.stack([scene[idx, r : r + crop, c : c + crop] for r, c in chunk]).astype(np.float32))
-        if crop != side:  # larger than the scene: resized up as the z-scored crops are
-            out = torch.nn.functional.interpolate(out, size=(side, side), mode="bilinear", align_corners=False)
-        yield out.contiguous()
+    k = distinct_crops(hw)
+    return {"scene": list(scene_shape()), "crop": list(crop_side(hw)), "distinct": k, "overlapping": max(0, n - k)}
 
 
 def probe_batches(
     opts: CompareOptions, bands: int, size: int | tuple[int, int]
 ) -> tuple[Iterator[torch.Tensor], int, str, tuple[int, ...]]:
     """The probe images at ``size`` in batches (as :func:`cut_batches`), normalised by
-    ``opts.normalize`` (default ``auto``)."""
+    ``opts.normalize`` (default ``auto``); on the embedded scene at most its distinct crops
+    unless ``opts.samples`` asks for more."""
     from cka_geo.data.normalize import resolve
 
     probes = open_probes(opts, bands)
     hw = size if isinstance(size, tuple) else (size, size)
-    n = opts.samples or (probes.total if probes.total is not None else DEFAULT_SAMPLES)
+    if opts.samples:
+        n = opts.samples
+    elif probes.total is not None:
+        n = probes.total
+    else:  # never more default probes than distinct crops
+        from cka_geo.data.probes import distinct_crops
+
+        n = min(DEFAULT_SAMPLES, distinct_crops(hw))
     norm = resolve(opts.normalize, bands, probes.band_names, embedded=probes.path is None, raw=probes.raw)
     return cut_batches(probes, opts, n, opts.batch_size or 32, hw, norm)

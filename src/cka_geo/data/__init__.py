@@ -1,7 +1,9 @@
 """Data for cka-geo: the embedded Sentinel-2 scene, derived labels, users' data loaders.
 
-* :mod:`cka_geo.data.embedded`: the packaged 13-band Sentinel-2 L1C crop, its tiles
-  (:class:`EmbeddedS2Tiles`) and the default probe set (:func:`probe_images`).
+* :mod:`cka_geo.data.embedded`: the 640 x 640 training crop of the packaged 13-band
+  Sentinel-2 L1C scene (:mod:`cka_geo.data.scene`) and its tiles (:class:`EmbeddedS2Tiles`).
+* :mod:`cka_geo.data.probes`: the default probe set (:func:`probe_images`), distinct crops
+  of the whole scene (:func:`distinct_crops`).
 * :mod:`cka_geo.data.labels`: labels derived from spectral indices (NDWI, NDVI).
 * Users' data (:mod:`cka_geo.data.folders` gathers them): :mod:`~cka_geo.data.readers`
   (one .tif/.npy file), :mod:`~cka_geo.data.imagefolder` (tile folders, array probe sets,
@@ -20,9 +22,7 @@ from cka_geo.data.embedded import (
     EmbeddedS2Tiles,
     band_statistics,
     embedded_cover_map,
-    iter_probe_batches,
     load_embedded_scene,
-    probe_images,
     select_bands,
 )
 from cka_geo.data.folders import (
@@ -34,6 +34,7 @@ from cka_geo.data.folders import (
     read_image,
 )
 from cka_geo.data.layouts import UserData, open_user_data
+from cka_geo.data.probes import distinct_crops, iter_probe_batches, probe_images
 
 __all__ = [
     "BAND_NAMES",
@@ -44,6 +45,7 @@ __all__ = [
     "Sen1Floods11",
     "UserData",
     "band_statistics",
+    "distinct_crops",
     "embedded_cover_map",
     "evenly_spaced_frames",
     "iter_probe_batches",

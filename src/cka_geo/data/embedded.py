@@ -1,12 +1,14 @@
-"""The embedded Sentinel-2 L1C scene: tiles for training, probe images for ``compare``.
+"""The embedded Sentinel-2 L1C scene: its 640 x 640 training crop, tiles and statistics.
 
-The package ships one real Sentinel-2 L1C crop (``s2_l1c_crop.npz`` + ``s2_l1c_crop.json``,
-built by ``scripts/build_embedded_s2.py``; see docs/data.md): 13 bands on a 10 m grid,
-640 x 640 pixels, uint16 top-of-atmosphere reflectance x 10000, band order
-:data:`BAND_NAMES`. Nothing is downloaded at run time.
+The package ships one real Sentinel-2 L1C scene (``s2_l1c_scene.npz`` + ``.json``, built by
+``scripts/build_embedded_s2.py``; read by :mod:`cka_geo.data.scene`; see docs/data.md). The
+training tiles, derived labels and band statistics use a fixed 640 x 640 window of it (the
+"crop", 13 bands on a 10 m grid, uint16 top-of-atmosphere reflectance x 10000, band order
+:data:`BAND_NAMES`); the probes of ``compare`` use the whole scene
+(:mod:`cka_geo.data.probes`). Nothing is downloaded at run time.
 
 Normalisation: per band, ``(x - mean) / std`` with the mean and the population standard
-deviation (ddof 0) of that band over all 640 x 640 pixels of the scene, computed in float64
+deviation (ddof 0) of that band over all 640 x 640 pixels of the crop, computed in float64
 from the uint16 values (:func:`band_statistics`). Tiles and probe images are float32.
 
 Only numpy and torch are imported here.
@@ -15,9 +17,7 @@ Only numpy and torch are imported here.
 from __future__ import annotations
 
 import functools
-import json
-from collections.abc import Iterator, Sequence
-from importlib import resources
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cka_geo.data import labels as _labels
+from cka_geo.data.scene import SCENE_JSON, full_scene
 from cka_geo.errors import DataError, UsageError
 
 #: Band order of the embedded scene (and of every 13-band array in cka-geo).
@@ -53,29 +54,33 @@ BAND_SELECTIONS: dict[int, tuple[str, ...]] = {
     1: ("B8",),
 }
 
-_NPZ = "s2_l1c_crop.npz"
-_JSON = "s2_l1c_crop.json"
-
 Split = Literal["train", "val", "test", "all"]
 Task = Literal["segmentation", "classification", "regression"]
 
 
 @functools.lru_cache(maxsize=1)
 def _raw_scene() -> tuple[np.ndarray, dict[str, Any]]:
-    root = resources.files("cka_geo.data")
+    """The 640 x 640 training crop (a window of :func:`cka_geo.data.scene.full_scene`)."""
+    scene, meta = full_scene()
     try:
-        with (root / _NPZ).open("rb") as fh, np.load(fh) as npz:
-            bands = np.array(npz["bands"])
-        meta = json.loads((root / _JSON).read_text(encoding="utf-8"))
-    except (OSError, KeyError, ValueError) as exc:
-        raise DataError(f"embedded scene cka_geo/data/{_NPZ} unreadable: {exc}") from exc
-    if bands.dtype != np.uint16 or bands.ndim != 3 or bands.shape[0] != len(BAND_NAMES):
-        raise DataError(
-            f"embedded scene cka_geo/data/{_NPZ} has shape {bands.shape} {bands.dtype}, "
-            f"expected (13, H, W) uint16"
-        )
+        crop = meta["crop"]
+        r, c, h, w = (int(crop[k]) for k in ("row_in_scene", "col_in_scene", "height", "width"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"embedded scene cka_geo/data/{SCENE_JSON} has no valid crop: {exc}") from exc
+    bands = np.ascontiguousarray(scene[:, r : r + h, c : c + w])
+    if bands.shape != (len(BAND_NAMES), h, w):
+        raise DataError(f"embedded scene cka_geo/data/{SCENE_JSON}: crop {h}x{w} at {r},{c} outside the scene")
     bands.setflags(write=False)
-    return bands, meta
+    out = {k: v for k, v in meta.items() if k not in ("crop", "window", "grids", "bounds_utm", "shape")}
+    out.update(
+        shape=[len(BAND_NAMES), h, w],
+        window={k: crop[k] for k in ("row0", "col0", "height", "width", "grid")},
+        transform=crop["transform"],
+        bounds_utm=crop["bounds_utm"],
+        approx_center_lat_lon=crop["approx_center_lat_lon"],
+        scene={k: meta[k] for k in ("shape", "window", "bounds_utm")},
+    )
+    return bands, out
 
 
 def load_embedded_scene(
@@ -88,9 +93,11 @@ def load_embedded_scene(
             shared and read-only) or ``np.float32`` (a fresh copy of the same values).
 
     Returns:
-        ``(bands, metadata)``: bands (13, 640, 640) in :data:`BAND_NAMES` order; metadata the
-        JSON sidecar as a dict (band names, wavelengths, native resolutions, window,
-        CRS/transform, source sha256, attribution, ...) plus ``band_mean``/``band_std``.
+        ``(bands, metadata)``: bands (13, 640, 640), the training crop, in :data:`BAND_NAMES`
+        order; metadata the sidecar's entries for it (band names, wavelengths, native
+        resolutions, ``window`` on the 10 m grid of B02, CRS/transform, source sha256,
+        attribution, ...), ``scene`` (shape, window and bounds of the whole shipped scene)
+        and ``band_mean``/``band_std``.
 
     Raises:
         UsageError: For another dtype.
@@ -383,99 +390,13 @@ def _augment(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
     return x.contiguous()
 
 
-def _probe_plan(
-    n: int, bands: int | Sequence[str] | None, size: int, seed: int, crop: int | None
-) -> tuple[np.ndarray, list[int], int]:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise UsageError(f"number of probe images must be a positive integer, got {n!r}")
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise UsageError(f"probe image size must be a positive integer, got {size!r}")
-    idx = band_indices(bands)
-    scene = _normalized_scene()
-    h, w = scene.shape[-2:]
-    side = min(int(size), h, w) if crop is None else int(crop)
-    if not 1 <= side <= min(h, w):
-        raise UsageError(f"crop must be in 1..{min(h, w)}, got {crop}")
-    rng = np.random.default_rng(seed)
-    rows = rng.integers(0, h - side + 1, size=int(n))
-    cols = rng.integers(0, w - side + 1, size=int(n))
-    return np.stack([rows, cols], axis=1), idx, side
+def __getattr__(name: str) -> Any:
+    """The probe functions moved to :mod:`cka_geo.data.probes`; the old names still work."""
+    if name in ("iter_probe_batches", "probe_images", "distinct_crops"):
+        from cka_geo.data import probes
 
-
-def iter_probe_batches(
-    n: int,
-    *,
-    bands: int | Sequence[str] | None,
-    size: int,
-    batch_size: int = 64,
-    seed: int = 0,
-    crop: int | None = None,
-) -> Iterator[torch.Tensor]:
-    """Yield the probe images of :func:`probe_images` in batches (memory stays flat).
-
-    The concatenation of the batches equals ``probe_images(n, bands=..., size=...,
-    seed=..., crop=...)`` whatever ``batch_size``.
-
-    Args:
-        n: Number of probe images.
-        bands: Band count (:data:`BAND_SELECTIONS`) or band names.
-        size: Output side in pixels (the model's image size).
-        batch_size: Images per batch (the last batch may be smaller).
-        seed: Seed of the crop positions.
-        crop: Side of the crops taken from the scene (default ``min(size, 640)``); when
-            smaller than ``size`` the crops are resized up (bilinear).
-
-    Yields:
-        float32 tensors (b, bands, size, size).
-    """
-    if batch_size < 1:
-        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
-    pos, idx, side = _probe_plan(n, bands, size, seed, crop)
-    scene = _normalized_scene()
-    for start in range(0, len(pos), batch_size):
-        chunk = pos[start : start + batch_size]
-        batch = np.stack([scene[idx, r : r + side, c : c + side] for r, c in chunk])
-        out = torch.from_numpy(batch)
-        if side != size:
-            out = torch.nn.functional.interpolate(
-                out, size=(int(size), int(size)), mode="bilinear", align_corners=False
-            )
-        yield out.contiguous()
-
-
-def probe_images(
-    n: int,
-    *,
-    bands: int | Sequence[str] | None,
-    size: int,
-    seed: int = 0,
-    crop: int | None = None,
-) -> torch.Tensor:
-    """The default probe set of ``cka-geo compare``: seeded crops of the embedded scene.
-
-    ``n`` crop positions are drawn uniformly with ``numpy.random.default_rng(seed)`` (rows
-    first, then columns); each crop of side ``crop`` (default ``min(size, 640)``) is taken
-    from the normalised scene with the bands of :func:`select_bands` ``(bands)`` and, when
-    smaller than ``size``, resized bilinearly to ``size`` x ``size``. Same arguments, same
-    tensor. For large ``n`` use :func:`iter_probe_batches`.
-
-    Args:
-        n: Number of probe images (>= 1).
-        bands: The model's band count (13, 12, 10, 6, 4, 3 or 1; see
-            :data:`BAND_SELECTIONS`) or explicit band names.
-        size: The model's image size.
-        seed: Seed of the crop positions.
-        crop: Crop side in the scene (pixels at 10 m) before resizing.
-
-    Returns:
-        float32 tensor (n, bands, size, size).
-
-    Raises:
-        DataError: For a band count the scene cannot serve (says to pass ``--data``).
-        UsageError: For n, size or crop out of range.
-    """
-    batches = iter_probe_batches(n, bands=bands, size=size, batch_size=256, seed=seed, crop=crop)
-    return torch.cat(list(batches), dim=0)
+        return getattr(probes, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
@@ -486,9 +407,7 @@ __all__ = [
     "band_statistics",
     "block_split",
     "embedded_cover_map",
-    "iter_probe_batches",
     "load_embedded_scene",
     "normalized_scene",
-    "probe_images",
     "select_bands",
 ]
