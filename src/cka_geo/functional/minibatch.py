@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from cka_geo.errors import FeatureError, UsageError
+from cka_geo.functional.batched import GramWork, fast_linear_grams, frobenius
 from cka_geo.functional.kernels import check_kernel, gram_rbf, min_samples
 from cka_geo.functional.precision import constant_tol, noise_tol, pow2_scale
 
@@ -224,6 +225,7 @@ def batch_grams(
     rbf_frac: float = 0.4,
     gram_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
+    work: GramWork | None = None,
 ) -> BatchGrams:
     """The grams of every layer of one batch, with their float64 sums.
 
@@ -235,6 +237,8 @@ def batch_grams(
         gram_dtype: dtype of the matmuls (see :func:`gram_dtype_for`).
         out: A (L, n, n) buffer to reuse; a new one is made when None or of another
             shape, dtype or device.
+        work: One model's work buffers and layer offsets, kept between its batches (see
+            :class:`~cka_geo.functional.batched.GramWork`); None makes a new one.
 
     Returns:
         The :class:`BatchGrams` (``grams`` is ``out`` when it fitted).
@@ -249,9 +253,10 @@ def batch_grams(
     scale = torch.empty(len(tensors), dtype=torch.float64, device=device)
     constant = torch.empty(len(tensors), dtype=torch.bool, device=device)
     sigma = torch.empty(len(tensors), dtype=torch.float64, device=device) if kernel == "rbf" else None
+    work = GramWork() if work is None else work
     with full_fp32_matmul():
         for idx in _chunks(tensors, n, dtype):
-            _chunk_grams(tensors, idx, out, scale, constant, sigma, kernel, estimator, rbf_frac, dtype)
+            _chunk_grams(tensors, idx, out, scale, constant, sigma, kernel, estimator, rbf_frac, dtype, work)
     if estimator == "unbiased":
         out.diagonal(dim1=-2, dim2=-1).zero_()
     rows = out.sum(-1).to(torch.float64)  # n terms per row in the grams' dtype; no float64 copy of K
@@ -282,32 +287,31 @@ def _chunk_grams(
     estimator: str,
     rbf_frac: float,
     dtype: torch.dtype,
+    work: GramWork,
 ) -> None:
     """Grams of the layers ``idx`` (one width) into ``out``; fills scale, constant, sigma."""
-    device = out.device
-    n = tensors[idx[0]].shape[0]
-    s = pow2_scale(torch.stack([tensors[i].abs().amax() for i in idx]))
-    # float64 features headed for float32 grams are scaled before the cast (their range is
-    # wider than float32's); the others after the stack, in place.
-    pre = [tensors[i].dtype == torch.float64 and dtype != torch.float64 for i in idx]
-    x = torch.stack([
-        (tensors[i] * s[j]).to(dtype) if pre[j] else tensors[i].to(dtype) for j, i in enumerate(idx)
-    ])
-    post = s.clone()
-    post[[j for j, p in enumerate(pre) if p]] = 1.0
-    x.mul_(post.to(dtype)[:, None, None])
-    mu = x.mean(dim=1, keepdim=True)
-    x -= mu
-    offset_sq = n * mu.square().sum((1, 2)).to(torch.float64)  # ‖X‖² = ‖X_c‖² + n ‖μ‖²
-    sel = torch.tensor(idx, device=device)
-    consecutive = idx == list(range(idx[0], idx[0] + len(idx)))
-    if kernel == "linear":
-        if consecutive:  # straight into the buffer
-            g = out[idx[0] : idx[0] + len(idx)]
-            torch.bmm(x, x.transpose(1, 2), out=g)
-        else:
-            g = torch.bmm(x, x.transpose(1, 2))
+    chunk = [tensors[i] for i in idx]
+    if kernel == "linear" and all(t.dtype == dtype for t in chunk):
+        consecutive = idx == list(range(idx[0], idx[0] + len(idx)))
+        n = chunk[0].shape[0]
+        g = out[idx[0] : idx[0] + len(idx)] if consecutive else out.new_empty((len(idx), n, n))
+        centred_sq, offset_sq, redo = fast_linear_grams(chunk, g, work)
+        sel = torch.tensor(idx, device=out.device)
+        if not consecutive:
             out.index_copy_(0, sel, g)
+        scale[sel] = 1.0
+        constant[sel] = _constant(chunk, dtype, centred_sq, offset_sq)
+        idx = [idx[j] for j in redo]
+        if not idx:
+            return
+        chunk = [tensors[i] for i in idx]
+    device = out.device
+    x, s, offset_sq = _scaled_stack(chunk, dtype)
+    n = x.shape[1]
+    sel = torch.tensor(idx, device=device)
+    if kernel == "linear":
+        g = torch.bmm(x, x.transpose(1, 2))
+        out.index_copy_(0, sel, g)
         centred_sq = g.diagonal(dim1=-2, dim2=-1).sum(-1).to(torch.float64)
         narrow = torch.zeros(len(idx), dtype=torch.bool, device=device)
     else:
@@ -325,13 +329,38 @@ def _chunk_grams(
             g.diagonal(dim1=-2, dim2=-1).fill_(1.0)
             g -= g.mean(dim=(1, 2), keepdim=True)  # a constant, which H · H annihilates
         out.index_copy_(0, sel, g)
-    tol = torch.tensor(
-        [max(constant_tol(tensors[i].dtype), constant_tol(dtype)) ** 2 for i in idx],
-        dtype=torch.float64,
-        device=device,
-    )
-    constant[sel] = (centred_sq <= tol * (centred_sq + offset_sq)) | narrow
+    constant[sel] = _constant(chunk, dtype, centred_sq, offset_sq) | narrow
     scale[sel] = s
+
+
+def _constant(
+    chunk: list[torch.Tensor], dtype: torch.dtype, centred_sq: torch.Tensor, offset_sq: torch.Tensor
+) -> torch.Tensor:
+    """The constant rule ‖X_c‖² ≤ τ² ‖X‖² per layer, τ for the features' and the grams' dtype."""
+    tol = torch.tensor(
+        [max(constant_tol(t.dtype), constant_tol(dtype)) ** 2 for t in chunk],
+        dtype=torch.float64,
+        device=centred_sq.device,
+    )
+    return centred_sq <= tol * (centred_sq + offset_sq)
+
+
+def _scaled_stack(chunk: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features scaled by powers of two into [0.5, 1), cast to ``dtype``, centred: (x, s, n ‖μ‖²).
+
+    The general path (the RBF kernel, features of another dtype than the grams', magnitudes
+    outside the fast path's safe range). float64 features headed for float32 grams are
+    scaled before the cast (their range is wider than float32's); the others after.
+    """
+    s = pow2_scale(torch.stack([t.abs().amax() for t in chunk]))
+    pre = [t.dtype == torch.float64 and dtype != torch.float64 for t in chunk]
+    x = torch.stack([(t * s[j]).to(dtype) if pre[j] else t.to(dtype) for j, t in enumerate(chunk)])
+    post = s.clone()
+    post[[j for j, p in enumerate(pre) if p]] = 1.0
+    x.mul_(post.to(dtype)[:, None, None])
+    mu = x.mean(dim=1, keepdim=True)
+    x -= mu
+    return x, s, x.shape[1] * mu.square().sum((1, 2)).to(torch.float64)
 
 
 def _estimator_constants(n: int, estimator: str) -> tuple[float, float, float]:
@@ -342,16 +371,6 @@ def _estimator_constants(n: int, estimator: str) -> tuple[float, float, float]:
         return 1.0 / ((n - 1) * (n - 2)), 2.0 / (n - 2), float(n * (n - 3))
     # tr(KHLH) = tr(KL) - 2/n 1ᵀKL1 + (1ᵀK1)(1ᵀL1)/n², over (n-1)²
     return 1.0 / n**2, 2.0 / n, float((n - 1) ** 2)
-
-
-def _frobenius(ka: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
-    """All ⟨K_a, K_b⟩_F as one batched product over gram rows, summed in float64.
-
-    Row i of every gram of A against row i of every gram of B: (n, L_A, n) @ (n, n, L_B).
-    Each float32 partial sum runs over n terms only; the n partials add in float64.
-    """
-    part = torch.bmm(ka.permute(1, 0, 2), kb.permute(1, 2, 0))
-    return part.sum(0, dtype=torch.float64)
 
 
 def batch_terms(
@@ -374,7 +393,7 @@ def batch_terms(
         raise FeatureError(f"model A has {ga.n} samples in this batch but model B has {gb.n}")
     c1, c2, norm = _estimator_constants(ga.n, estimator)
     with full_fp32_matmul():
-        frob = _frobenius(ga.grams, gb.grams)
+        frob = frobenius(ga.grams, gb.grams)
     cross = (frob + c1 * torch.outer(ga.total, gb.total) - c2 * ga.rows @ gb.rows.T) / norm
     self_a = (ga.sq + c1 * ga.total.square() - c2 * ga.rows.square().sum(-1)) / norm
     self_b = self_a if self_compare else (gb.sq + c1 * gb.total.square() - c2 * gb.rows.square().sum(-1)) / norm
