@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from cka_geo.errors import FeatureError, UsageError
-from cka_geo.functional.batched import GramWork, fast_linear_grams, frobenius
+from cka_geo.functional.batched import GramWork, fast_linear_grams, frobenius, one_thread
 from cka_geo.functional.kernels import check_kernel, gram_rbf, min_samples
 from cka_geo.functional.precision import constant_tol, noise_tol, pow2_scale
 
@@ -257,10 +257,11 @@ def batch_grams(
     with full_fp32_matmul():
         for idx in _chunks(tensors, n, dtype):
             _chunk_grams(tensors, idx, out, scale, constant, sigma, kernel, estimator, rbf_frac, dtype, work)
-    if estimator == "unbiased":
-        out.diagonal(dim1=-2, dim2=-1).zero_()
-    rows = out.sum(-1).to(torch.float64)  # n terms per row in the grams' dtype; no float64 copy of K
-    sq = torch.linalg.vector_norm(out, dim=-1).to(torch.float64).square().sum(-1)
+    with one_thread():
+        if estimator == "unbiased":
+            out.diagonal(dim1=-2, dim2=-1).zero_()
+        rows = out.sum(-1).to(torch.float64)  # n terms per row in the grams' dtype; no float64 copy of K
+        sq = torch.linalg.vector_norm(out, dim=-1).to(torch.float64).square().sum(-1)
     return BatchGrams(names, n, out, rows, rows.sum(-1), sq, scale, constant, sigma, kernel, feats)
 
 
