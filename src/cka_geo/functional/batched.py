@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from cka_geo.functional.precision import pow2_scale
+
 #: Most gram entries behind one float32 partial sum of the Frobenius products.
 FROB_TERMS = 8192
 
@@ -173,6 +175,24 @@ def fast_linear_grams(
     return centred_sq, offset_sq, bad.nonzero().flatten().tolist()  # one host sync
 
 
+def scaled_stack(chunk: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features scaled by powers of two into [0.5, 1), cast to ``dtype``, centred: (x, s, n ‖μ‖²).
+
+    The general path (the RBF kernel, features of another dtype than the grams', magnitudes
+    outside the fast path's safe range). float64 features headed for float32 grams are
+    scaled before the cast (their range is wider than float32's); the others after.
+    """
+    s = pow2_scale(torch.stack([t.abs().amax() for t in chunk]))
+    pre = [t.dtype == torch.float64 and dtype != torch.float64 for t in chunk]
+    x = torch.stack([(t * s[j]).to(dtype) if pre[j] else t.to(dtype) for j, t in enumerate(chunk)])
+    post = s.clone()
+    post[[j for j, p in enumerate(pre) if p]] = 1.0
+    x.mul_(post.to(dtype)[:, None, None])
+    mu = x.mean(dim=1, keepdim=True)
+    x -= mu
+    return x, s, x.shape[1] * mu.square().sum((1, 2)).to(torch.float64)
+
+
 def frobenius(ka: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
     """All ⟨K_a, K_b⟩_F of two (L, n, n) gram stacks, (L_A, L_B) in float64.
 
@@ -193,4 +213,4 @@ def frobenius(ka: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = ["FROB_TERMS", "GramWork", "as_stack", "fast_linear_grams", "frobenius", "one_thread"]
+__all__ = ["FROB_TERMS", "GramWork", "as_stack", "fast_linear_grams", "frobenius", "one_thread", "scaled_stack"]

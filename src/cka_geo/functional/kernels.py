@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 
 from cka_geo.errors import FeatureError, UsageError
+from cka_geo.functional.batched import one_thread
 
 Kernel = Literal["linear", "rbf"]
 Estimator = Literal["unbiased", "biased"]
@@ -93,6 +94,12 @@ def rbf_sigma(sq_dist: torch.Tensor, frac: float = DEFAULT_RBF_FRAC) -> torch.Te
     Returns:
         sigma, shape (…).
     """
+    with one_thread():  # memory-bound: see one_thread
+        return frac * _median_pairs(sq_dist).sqrt()
+
+
+def _median_pairs(sq_dist: torch.Tensor) -> torch.Tensor:
+    """Median over the pairs of a distance matrix (mean if 0, NaN if all 0), float64."""
     n = sq_dist.shape[-1]
     pairs = n * (n - 1) // 2
     # One selection pass over the whole matrix, no gathered copy of the pairs: sorted, its
@@ -109,8 +116,7 @@ def rbf_sigma(sq_dist: torch.Tensor, frac: float = DEFAULT_RBF_FRAC) -> torch.Te
         med = (med + hi.to(torch.float64)) / 2
     total = flat.sum(-1, dtype=torch.float64)
     med = torch.where(med > 0, med, total / (2 * pairs))
-    med = torch.where(med > 0, med, torch.full_like(med, float("nan")))
-    return frac * med.sqrt()
+    return torch.where(med > 0, med, torch.full_like(med, float("nan")))
 
 
 def gram_rbf(
@@ -138,7 +144,8 @@ def gram_rbf(
         s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).expand(d.shape[:-2])
     denom = (2 * s * s).to(d.dtype)
     safe = torch.where(torch.isnan(denom), torch.ones_like(denom), denom)
-    k = torch.exp(-d / safe[..., None, None])
+    with one_thread():
+        k = torch.exp(d.div_(-safe[..., None, None]))
     return k, s
 
 

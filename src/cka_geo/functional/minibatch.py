@@ -35,9 +35,15 @@ import numpy as np
 import torch
 
 from cka_geo.errors import FeatureError, UsageError
-from cka_geo.functional.batched import GramWork, fast_linear_grams, frobenius, one_thread
+from cka_geo.functional.batched import (
+    GramWork,
+    fast_linear_grams,
+    frobenius,
+    one_thread,
+    scaled_stack,
+)
 from cka_geo.functional.kernels import check_kernel, gram_rbf, min_samples
-from cka_geo.functional.precision import constant_tol, noise_tol, pow2_scale
+from cka_geo.functional.precision import constant_tol, noise_tol
 
 #: Largest stack of one width's features made at once for the batched gram matmul.
 STACK_BYTES = 64 << 20
@@ -307,7 +313,8 @@ def _chunk_grams(
             return
         chunk = [tensors[i] for i in idx]
     device = out.device
-    x, s, offset_sq = _scaled_stack(chunk, dtype)
+    with one_thread():
+        x, s, offset_sq = scaled_stack(chunk, dtype)
     n = x.shape[1]
     sel = torch.tensor(idx, device=device)
     if kernel == "linear":
@@ -316,22 +323,30 @@ def _chunk_grams(
         centred_sq = g.diagonal(dim1=-2, dim2=-1).sum(-1).to(torch.float64)
         narrow = torch.zeros(len(idx), dtype=torch.bool, device=device)
     else:
-        centred_sq = x.square().sum((1, 2)).to(torch.float64)
         g, sg = gram_rbf(x, rbf_frac)
         sigma[idx] = sg / s  # type: ignore[index]  # back in the features' own units
-        # Every pair farther apart than the dtype can tell from 0: the gram is the identity
-        # and the bandwidth too narrow for this batch (every CKA would be 1 or 0/0).
-        g.diagonal(dim1=-2, dim2=-1).zero_()
-        narrow = g.amax(dim=(1, 2)) < torch.finfo(dtype).eps
-        off_mean = g.sum(dim=(1, 2), keepdim=True) / (n * (n - 1))
-        if estimator == "unbiased":
-            g -= off_mean  # a constant off the diagonal, which U-centering annihilates
-        else:
-            g.diagonal(dim1=-2, dim2=-1).fill_(1.0)
-            g -= g.mean(dim=(1, 2), keepdim=True)  # a constant, which H · H annihilates
-        out.index_copy_(0, sel, g)
+        with one_thread():
+            centred_sq = x.square().sum((1, 2)).to(torch.float64)
+            narrow = _rbf_shift(g, estimator, dtype)
+            out.index_copy_(0, sel, g)
     constant[sel] = _constant(chunk, dtype, centred_sq, offset_sq) | narrow
     scale[sel] = s
+
+
+def _rbf_shift(g: torch.Tensor, estimator: str, dtype: torch.dtype) -> torch.Tensor:
+    """Shift RBF grams (L, n, n) in place by constants centering removes; the too-narrow flags."""
+    n = g.shape[-1]
+    # Every pair farther apart than the dtype can tell from 0: the gram is the identity
+    # and the bandwidth too narrow for this batch (every CKA would be 1 or 0/0).
+    g.diagonal(dim1=-2, dim2=-1).zero_()
+    narrow = g.amax(dim=(1, 2)) < torch.finfo(dtype).eps
+    off_mean = g.sum(dim=(1, 2), keepdim=True) / (n * (n - 1))
+    if estimator == "unbiased":
+        g -= off_mean  # a constant off the diagonal, which U-centering annihilates
+    else:
+        g.diagonal(dim1=-2, dim2=-1).fill_(1.0)
+        g -= g.mean(dim=(1, 2), keepdim=True)  # a constant, which H · H annihilates
+    return narrow
 
 
 def _constant(
@@ -344,24 +359,6 @@ def _constant(
         device=centred_sq.device,
     )
     return centred_sq <= tol * (centred_sq + offset_sq)
-
-
-def _scaled_stack(chunk: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Features scaled by powers of two into [0.5, 1), cast to ``dtype``, centred: (x, s, n ‖μ‖²).
-
-    The general path (the RBF kernel, features of another dtype than the grams', magnitudes
-    outside the fast path's safe range). float64 features headed for float32 grams are
-    scaled before the cast (their range is wider than float32's); the others after.
-    """
-    s = pow2_scale(torch.stack([t.abs().amax() for t in chunk]))
-    pre = [t.dtype == torch.float64 and dtype != torch.float64 for t in chunk]
-    x = torch.stack([(t * s[j]).to(dtype) if pre[j] else t.to(dtype) for j, t in enumerate(chunk)])
-    post = s.clone()
-    post[[j for j, p in enumerate(pre) if p]] = 1.0
-    x.mul_(post.to(dtype)[:, None, None])
-    mu = x.mean(dim=1, keepdim=True)
-    x -= mu
-    return x, s, x.shape[1] * mu.square().sum((1, 2)).to(torch.float64)
 
 
 def _estimator_constants(n: int, estimator: str) -> tuple[float, float, float]:
