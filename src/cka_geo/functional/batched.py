@@ -45,6 +45,8 @@ FROB_TERMS = 8192
 # their leading terms far above float32's smallest normal (2⁻¹²⁶). Outside it, the features
 # are scaled by a power of two first.
 _LOW, _HIGH = 2.0**-40, 2.0**40
+# Multiply-adds under which the cross product runs on one thread (36 x 36 layers at n <= 128).
+_SMALL_PRODUCT = 1 << 25
 # Rows whose spread around the batch mean decides whether a layer's offset is small.
 _HEAD = 32
 
@@ -154,10 +156,10 @@ def fast_linear_grams(
         with one_thread():
             for j, t in enumerate(tensors):  # faster than torch.stack's cat for a few large inputs
                 raw[j].copy_(t)
-    # Column sums as a matmul: one read of the stack, a BLAS call rather than a strided sum.
-    ones = torch.ones((count, 1, n), dtype=raw.dtype, device=raw.device)
-    mu = torch.bmm(ones, raw).div_(n)
     with one_thread():
+        # Column sums as a matmul: one read of the stack, a BLAS call rather than a strided sum.
+        ones = torch.ones((count, 1, n), dtype=raw.dtype, device=raw.device)
+        mu = torch.bmm(ones, raw).div_(n)
         offset_sq = n * mu.square().sum((1, 2)).to(torch.float64)
         head = min(n, _HEAD)
         spread = (raw[:, :head] - mu).square().sum((1, 2)).to(torch.float64) * (n / head)
@@ -207,9 +209,11 @@ def frobenius(ka: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
     c = n * n // m
     head_a = flat_a[:, : c * m].unflatten(1, (c, m)).transpose(0, 1)  # (c, L_A, m), a view
     head_b = flat_b[:, : c * m].unflatten(1, (c, m)).permute(1, 2, 0)  # (c, m, L_B), a view
-    out = torch.bmm(head_a, head_b).sum(0, dtype=torch.float64)
-    if c * m < n * n:
-        out += (flat_a[:, c * m :] @ flat_b[:, c * m :].T).to(torch.float64)
+    # A small product is memory-bound: one thread (see one_thread), else torch's setting.
+    with one_thread() if la * flat_b.shape[0] * n * n < _SMALL_PRODUCT else contextlib.nullcontext():
+        out = torch.bmm(head_a, head_b).sum(0, dtype=torch.float64)
+        if c * m < n * n:
+            out += (flat_a[:, c * m :] @ flat_b[:, c * m :].T).to(torch.float64)
     return out
 
 

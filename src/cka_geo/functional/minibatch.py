@@ -8,8 +8,9 @@ with HSIC the unbiased HSIC_1 of Song et al. (2012) by default. Two pure steps p
 
 1. :func:`batch_grams`: each layer's features (n, p) → its gram (n, n), made once per batch
    by one batched matmul per width group, with float64 row sums, total and squared norm.
-2. :func:`batch_terms`: two models' grams → every HSIC cross term (L_A, L_B) from one
-   batched product over gram rows (float32 partial sums of n terms, added in float64) with
+2. :func:`batch_terms`: two models' grams → every HSIC cross term (L_A, L_B) from a few
+   matmuls over chunks of the gram entries (float32 partial sums of at most 8192 terms,
+   added in float64) with
    Song's row-sum corrections, and the self terms from the squared norms.
 
 :func:`cka_from_sums` turns summed terms into CKA. The stateful wrappers
@@ -17,8 +18,9 @@ with HSIC the unbiased HSIC_1 of Song et al. (2012) by default. Two pure steps p
 ``CKAMonitor``) only sum these terms.
 
 Numerics (:mod:`cka_geo.functional.precision`): features are scaled by a power of two per
-layer and batch (exact) and mean-centred before the gram; the HSIC terms are scaled back in
-float64. A batch of a layer that is constant within round-off, or whose self term is at the
+layer and batch (exact) where their magnitude needs it, and mean-centred before the gram
+where they have an offset (:mod:`cka_geo.functional.batched`); the HSIC terms are scaled
+back in float64. A batch of a layer that is constant within round-off, or whose self term is at the
 round-off level of its gram, contributes exactly 0 (its true value, or indistinguishable
 from it); bit-identical grams give cross terms equal to their self terms, so identical
 inputs give CKA exactly 1. Nothing is clamped and no epsilon is added.
