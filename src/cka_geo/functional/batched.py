@@ -164,9 +164,10 @@ def fast_linear_grams(
         head = min(n, _HEAD)
         spread = (raw[:, :head] - mu).square().sum((1, 2)).to(torch.float64) * (n / head)
         direct = offset_sq <= 0.25 * spread
-        # x − 0 is x exactly: the direct layers keep their own values.
-        x = torch.sub(raw, mu * direct.logical_not().to(raw.dtype)[:, None, None],
-                      out=raw if copied else work.buffer(tensors[0], count))
+        x = raw
+        if not bool(direct.all()):  # x − 0 is x exactly: the direct layers keep their own values
+            x = torch.sub(raw, mu * direct.logical_not().to(raw.dtype)[:, None, None],
+                          out=raw if copied else work.buffer(tensors[0], count))
     torch.bmm(x, x.transpose(1, 2), out=out)
     with one_thread():
         diag = out.diagonal(dim1=-2, dim2=-1)
