@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from cka_geo.errors import FeatureError, UsageError
+from cka_geo.functional.batched import GramWork
 from cka_geo.functional.kernels import (
     DEFAULT_RBF_FRAC,
     Estimator,
@@ -174,6 +175,7 @@ class MinibatchCKA:
         self._batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._sigmas: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._buffers: dict[str, torch.Tensor] = {}
+        self._work: dict[str, GramWork] = {}
         self.batch_sizes: list[int] = []
         self.samples_skipped = 0
 
@@ -200,12 +202,12 @@ class MinibatchCKA:
                 f"model {which}: a batch of {n} samples; the {self.estimator} estimator needs at "
                 f"least {min_samples(self.estimator)}"
             )
-        g = self._grams(feats, None if keep else which.lower())
+        g = self._grams(feats, None if keep else which.lower(), which.lower())
         if keep:
             g.feats = None
         return g
 
-    def _grams(self, feats: Mapping[str, torch.Tensor], slot: str | None) -> BatchGrams:
+    def _grams(self, feats: Mapping[str, torch.Tensor], slot: str | None, which: str) -> BatchGrams:
         g = batch_grams(
             feats,
             kernel=self.kernel,
@@ -213,6 +215,7 @@ class MinibatchCKA:
             rbf_frac=self.rbf_frac,
             gram_dtype=self.gram_dtype,
             out=None if slot is None else self._buffers.get(slot),
+            work=self._work.setdefault(which, GramWork()),
         )
         if slot is not None:
             self._buffers[slot] = g.grams
@@ -254,8 +257,8 @@ class MinibatchCKA:
         if too_small(n, self.estimator):
             self.samples_skipped += n
             return
-        ga = self._grams(feats_a, "a")
-        gb = None if self_compare else self._grams(feats_b, "b")  # type: ignore[arg-type]
+        ga = self._grams(feats_a, "a", "a")
+        gb = None if self_compare else self._grams(feats_b, "b", "b")  # type: ignore[arg-type]
         self._add(self.batch_terms(ga, gb))
 
     def update_grams(self, ga: BatchGrams, gb: BatchGrams | None = None) -> None:

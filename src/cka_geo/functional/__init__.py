@@ -10,6 +10,8 @@ Pure functions on tensors, the torchmetrics way; the stateful accumulators
   feature-space linear CKA used as an independent check.
 * :mod:`~cka_geo.functional.minibatch`: one batch's grams and HSIC terms for every layer
   pair at once, and CKA from summed terms.
+* :mod:`~cka_geo.functional.batched`: the bulk steps as few, large operations (grams from
+  one stack, cross terms as chunked matmuls, memory-bound steps on one thread).
 * :mod:`~cka_geo.functional.precision`: exact power-of-two rescaling and the round-off
   thresholds below which a representation counts as constant.
 """

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 
 from cka_geo.errors import FeatureError, UsageError
+from cka_geo.functional.batched import one_thread
 
 Kernel = Literal["linear", "rbf"]
 Estimator = Literal["unbiased", "biased"]
@@ -66,16 +67,6 @@ def gram_linear(x: torch.Tensor) -> torch.Tensor:
     return xc @ xc.transpose(-1, -2)
 
 
-def _lower_upper_median(values: torch.Tensor) -> torch.Tensor:
-    """Median of the last dimension, averaging the two middle values for an even count."""
-    m = values.shape[-1]
-    lo = torch.kthvalue(values, (m + 1) // 2, dim=-1).values
-    if m % 2:
-        return lo
-    hi = torch.kthvalue(values, m // 2 + 1, dim=-1).values
-    return (lo + hi) / 2
-
-
 def squared_distances(x: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances between rows: (…, n, p) -> (…, n, n), zero diagonal."""
     xc = center_features(x)
@@ -96,19 +87,36 @@ def rbf_sigma(sq_dist: torch.Tensor, frac: float = DEFAULT_RBF_FRAC) -> torch.Te
     representation is constant and sigma is NaN (its gram is then all ones).
 
     Args:
-        sq_dist: Squared distances (…, n, n) from :func:`squared_distances`.
+        sq_dist: Squared distances (…, n, n) from :func:`squared_distances`: symmetric,
+            non-negative, zero diagonal.
         frac: Fraction of the median distance (0.2, 0.4, 0.8 are common).
 
     Returns:
         sigma, shape (…).
     """
+    with one_thread():  # memory-bound: see one_thread
+        return frac * _median_pairs(sq_dist).sqrt()
+
+
+def _median_pairs(sq_dist: torch.Tensor) -> torch.Tensor:
+    """Median over the pairs of a distance matrix (mean if 0, NaN if all 0), float64."""
     n = sq_dist.shape[-1]
-    iu = torch.triu_indices(n, n, offset=1, device=sq_dist.device)
-    pairs = sq_dist[..., iu[0], iu[1]].to(torch.float64)
-    med = _lower_upper_median(pairs)
-    med = torch.where(med > 0, med, pairs.mean(-1))
-    med = torch.where(med > 0, med, torch.full_like(med, float("nan")))
-    return frac * med.sqrt()
+    pairs = n * (n - 1) // 2
+    # One selection pass over the whole matrix, no gathered copy of the pairs: sorted, its
+    # entries are the n diagonal zeros, then every pair twice (distances are >= 0), so pair
+    # k (1-based) sits at n + 2k - 1 and n + 2k.
+    flat = sq_dist.flatten(-2)
+    k = (pairs + 1) // 2
+    lo = torch.kthvalue(flat, n + 2 * k, dim=-1).values
+    med = lo.to(torch.float64)
+    if pairs % 2 == 0:  # pair k + 1 is the next entry at n + 2k + 1: lo again, or the least above it
+        below = (flat <= lo[..., None]).sum(-1)
+        above = flat.masked_fill(flat <= lo[..., None], float("inf")).amin(-1)
+        hi = torch.where(below >= n + 2 * k + 1, lo, above)
+        med = (med + hi.to(torch.float64)) / 2
+    total = flat.sum(-1, dtype=torch.float64)
+    med = torch.where(med > 0, med, total / (2 * pairs))
+    return torch.where(med > 0, med, torch.full_like(med, float("nan")))
 
 
 def gram_rbf(
@@ -136,7 +144,8 @@ def gram_rbf(
         s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).expand(d.shape[:-2])
     denom = (2 * s * s).to(d.dtype)
     safe = torch.where(torch.isnan(denom), torch.ones_like(denom), denom)
-    k = torch.exp(-d / safe[..., None, None])
+    with one_thread():
+        k = torch.exp(d.div_(-safe[..., None, None]))
     return k, s
 
 

@@ -8,8 +8,9 @@ with HSIC the unbiased HSIC_1 of Song et al. (2012) by default. Two pure steps p
 
 1. :func:`batch_grams`: each layer's features (n, p) → its gram (n, n), made once per batch
    by one batched matmul per width group, with float64 row sums, total and squared norm.
-2. :func:`batch_terms`: two models' grams → every HSIC cross term (L_A, L_B) from one
-   batched product over gram rows (float32 partial sums of n terms, added in float64) with
+2. :func:`batch_terms`: two models' grams → every HSIC cross term (L_A, L_B) from a few
+   matmuls over chunks of the gram entries (float32 partial sums of at most 8192 terms,
+   added in float64) with
    Song's row-sum corrections, and the self terms from the squared norms.
 
 :func:`cka_from_sums` turns summed terms into CKA. The stateful wrappers
@@ -17,8 +18,9 @@ with HSIC the unbiased HSIC_1 of Song et al. (2012) by default. Two pure steps p
 ``CKAMonitor``) only sum these terms.
 
 Numerics (:mod:`cka_geo.functional.precision`): features are scaled by a power of two per
-layer and batch (exact) and mean-centred before the gram; the HSIC terms are scaled back in
-float64. A batch of a layer that is constant within round-off, or whose self term is at the
+layer and batch (exact) where their magnitude needs it, and mean-centred before the gram
+where they have an offset (:mod:`cka_geo.functional.batched`); the HSIC terms are scaled
+back in float64. A batch of a layer that is constant within round-off, or whose self term is at the
 round-off level of its gram, contributes exactly 0 (its true value, or indistinguishable
 from it); bit-identical grams give cross terms equal to their self terms, so identical
 inputs give CKA exactly 1. Nothing is clamped and no epsilon is added.
@@ -35,8 +37,15 @@ import numpy as np
 import torch
 
 from cka_geo.errors import FeatureError, UsageError
+from cka_geo.functional.batched import (
+    GramWork,
+    fast_linear_grams,
+    frobenius,
+    one_thread,
+    scaled_stack,
+)
 from cka_geo.functional.kernels import check_kernel, gram_rbf, min_samples
-from cka_geo.functional.precision import constant_tol, noise_tol, pow2_scale
+from cka_geo.functional.precision import constant_tol, noise_tol
 
 #: Largest stack of one width's features made at once for the batched gram matmul.
 STACK_BYTES = 64 << 20
@@ -224,6 +233,7 @@ def batch_grams(
     rbf_frac: float = 0.4,
     gram_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
+    work: GramWork | None = None,
 ) -> BatchGrams:
     """The grams of every layer of one batch, with their float64 sums.
 
@@ -235,6 +245,8 @@ def batch_grams(
         gram_dtype: dtype of the matmuls (see :func:`gram_dtype_for`).
         out: A (L, n, n) buffer to reuse; a new one is made when None or of another
             shape, dtype or device.
+        work: One model's work buffers and layer offsets, kept between its batches (see
+            :class:`~cka_geo.functional.batched.GramWork`); None makes a new one.
 
     Returns:
         The :class:`BatchGrams` (``grams`` is ``out`` when it fitted).
@@ -249,13 +261,15 @@ def batch_grams(
     scale = torch.empty(len(tensors), dtype=torch.float64, device=device)
     constant = torch.empty(len(tensors), dtype=torch.bool, device=device)
     sigma = torch.empty(len(tensors), dtype=torch.float64, device=device) if kernel == "rbf" else None
+    work = GramWork() if work is None else work
     with full_fp32_matmul():
         for idx in _chunks(tensors, n, dtype):
-            _chunk_grams(tensors, idx, out, scale, constant, sigma, kernel, estimator, rbf_frac, dtype)
-    if estimator == "unbiased":
-        out.diagonal(dim1=-2, dim2=-1).zero_()
-    rows = out.sum(-1).to(torch.float64)  # n terms per row in the grams' dtype; no float64 copy of K
-    sq = torch.linalg.vector_norm(out, dim=-1).to(torch.float64).square().sum(-1)
+            _chunk_grams(tensors, idx, out, scale, constant, sigma, kernel, estimator, rbf_frac, dtype, work)
+    with one_thread():
+        if estimator == "unbiased":
+            out.diagonal(dim1=-2, dim2=-1).zero_()
+        rows = out.sum(-1).to(torch.float64)  # n terms per row in the grams' dtype; no float64 copy of K
+        sq = torch.linalg.vector_norm(out, dim=-1).to(torch.float64).square().sum(-1)
     return BatchGrams(names, n, out, rows, rows.sum(-1), sq, scale, constant, sigma, kernel, feats)
 
 
@@ -282,56 +296,71 @@ def _chunk_grams(
     estimator: str,
     rbf_frac: float,
     dtype: torch.dtype,
+    work: GramWork,
 ) -> None:
     """Grams of the layers ``idx`` (one width) into ``out``; fills scale, constant, sigma."""
-    device = out.device
-    n = tensors[idx[0]].shape[0]
-    s = pow2_scale(torch.stack([tensors[i].abs().amax() for i in idx]))
-    # float64 features headed for float32 grams are scaled before the cast (their range is
-    # wider than float32's); the others after the stack, in place.
-    pre = [tensors[i].dtype == torch.float64 and dtype != torch.float64 for i in idx]
-    x = torch.stack([
-        (tensors[i] * s[j]).to(dtype) if pre[j] else tensors[i].to(dtype) for j, i in enumerate(idx)
-    ])
-    post = s.clone()
-    post[[j for j, p in enumerate(pre) if p]] = 1.0
-    x.mul_(post.to(dtype)[:, None, None])
-    mu = x.mean(dim=1, keepdim=True)
-    x -= mu
-    offset_sq = n * mu.square().sum((1, 2)).to(torch.float64)  # ‖X‖² = ‖X_c‖² + n ‖μ‖²
-    sel = torch.tensor(idx, device=device)
-    consecutive = idx == list(range(idx[0], idx[0] + len(idx)))
-    if kernel == "linear":
-        if consecutive:  # straight into the buffer
-            g = out[idx[0] : idx[0] + len(idx)]
-            torch.bmm(x, x.transpose(1, 2), out=g)
-        else:
-            g = torch.bmm(x, x.transpose(1, 2))
+    chunk = [tensors[i] for i in idx]
+    if kernel == "linear" and all(t.dtype == dtype for t in chunk):
+        consecutive = idx == list(range(idx[0], idx[0] + len(idx)))
+        n = chunk[0].shape[0]
+        g = out[idx[0] : idx[0] + len(idx)] if consecutive else out.new_empty((len(idx), n, n))
+        centred_sq, offset_sq, redo = fast_linear_grams(chunk, g, work)
+        sel = torch.tensor(idx, device=out.device)
+        if not consecutive:
             out.index_copy_(0, sel, g)
+        scale[sel] = 1.0
+        constant[sel] = _constant(chunk, dtype, centred_sq, offset_sq)
+        idx = [idx[j] for j in redo]
+        if not idx:
+            return
+        chunk = [tensors[i] for i in idx]
+    device = out.device
+    with one_thread():
+        x, s, offset_sq = scaled_stack(chunk, dtype)
+    n = x.shape[1]
+    sel = torch.tensor(idx, device=device)
+    if kernel == "linear":
+        g = torch.bmm(x, x.transpose(1, 2))
+        out.index_copy_(0, sel, g)
         centred_sq = g.diagonal(dim1=-2, dim2=-1).sum(-1).to(torch.float64)
         narrow = torch.zeros(len(idx), dtype=torch.bool, device=device)
     else:
-        centred_sq = x.square().sum((1, 2)).to(torch.float64)
         g, sg = gram_rbf(x, rbf_frac)
         sigma[idx] = sg / s  # type: ignore[index]  # back in the features' own units
-        # Every pair farther apart than the dtype can tell from 0: the gram is the identity
-        # and the bandwidth too narrow for this batch (every CKA would be 1 or 0/0).
-        g.diagonal(dim1=-2, dim2=-1).zero_()
-        narrow = g.amax(dim=(1, 2)) < torch.finfo(dtype).eps
-        off_mean = g.sum(dim=(1, 2), keepdim=True) / (n * (n - 1))
-        if estimator == "unbiased":
-            g -= off_mean  # a constant off the diagonal, which U-centering annihilates
-        else:
-            g.diagonal(dim1=-2, dim2=-1).fill_(1.0)
-            g -= g.mean(dim=(1, 2), keepdim=True)  # a constant, which H · H annihilates
-        out.index_copy_(0, sel, g)
-    tol = torch.tensor(
-        [max(constant_tol(tensors[i].dtype), constant_tol(dtype)) ** 2 for i in idx],
-        dtype=torch.float64,
-        device=device,
-    )
-    constant[sel] = (centred_sq <= tol * (centred_sq + offset_sq)) | narrow
+        with one_thread():
+            centred_sq = x.square().sum((1, 2)).to(torch.float64)
+            narrow = _rbf_shift(g, estimator, dtype)
+            out.index_copy_(0, sel, g)
+    constant[sel] = _constant(chunk, dtype, centred_sq, offset_sq) | narrow
     scale[sel] = s
+
+
+def _rbf_shift(g: torch.Tensor, estimator: str, dtype: torch.dtype) -> torch.Tensor:
+    """Shift RBF grams (L, n, n) in place by constants centering removes; the too-narrow flags."""
+    n = g.shape[-1]
+    # Every pair farther apart than the dtype can tell from 0: the gram is the identity
+    # and the bandwidth too narrow for this batch (every CKA would be 1 or 0/0).
+    g.diagonal(dim1=-2, dim2=-1).zero_()
+    narrow = g.amax(dim=(1, 2)) < torch.finfo(dtype).eps
+    off_mean = g.sum(dim=(1, 2), keepdim=True) / (n * (n - 1))
+    if estimator == "unbiased":
+        g -= off_mean  # a constant off the diagonal, which U-centering annihilates
+    else:
+        g.diagonal(dim1=-2, dim2=-1).fill_(1.0)
+        g -= g.mean(dim=(1, 2), keepdim=True)  # a constant, which H · H annihilates
+    return narrow
+
+
+def _constant(
+    chunk: list[torch.Tensor], dtype: torch.dtype, centred_sq: torch.Tensor, offset_sq: torch.Tensor
+) -> torch.Tensor:
+    """The constant rule ‖X_c‖² ≤ τ² ‖X‖² per layer, τ for the features' and the grams' dtype."""
+    tol = torch.tensor(
+        [max(constant_tol(t.dtype), constant_tol(dtype)) ** 2 for t in chunk],
+        dtype=torch.float64,
+        device=centred_sq.device,
+    )
+    return centred_sq <= tol * (centred_sq + offset_sq)
 
 
 def _estimator_constants(n: int, estimator: str) -> tuple[float, float, float]:
@@ -342,16 +371,6 @@ def _estimator_constants(n: int, estimator: str) -> tuple[float, float, float]:
         return 1.0 / ((n - 1) * (n - 2)), 2.0 / (n - 2), float(n * (n - 3))
     # tr(KHLH) = tr(KL) - 2/n 1ᵀKL1 + (1ᵀK1)(1ᵀL1)/n², over (n-1)²
     return 1.0 / n**2, 2.0 / n, float((n - 1) ** 2)
-
-
-def _frobenius(ka: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
-    """All ⟨K_a, K_b⟩_F as one batched product over gram rows, summed in float64.
-
-    Row i of every gram of A against row i of every gram of B: (n, L_A, n) @ (n, n, L_B).
-    Each float32 partial sum runs over n terms only; the n partials add in float64.
-    """
-    part = torch.bmm(ka.permute(1, 0, 2), kb.permute(1, 2, 0))
-    return part.sum(0, dtype=torch.float64)
 
 
 def batch_terms(
@@ -374,7 +393,7 @@ def batch_terms(
         raise FeatureError(f"model A has {ga.n} samples in this batch but model B has {gb.n}")
     c1, c2, norm = _estimator_constants(ga.n, estimator)
     with full_fp32_matmul():
-        frob = _frobenius(ga.grams, gb.grams)
+        frob = frobenius(ga.grams, gb.grams)
     cross = (frob + c1 * torch.outer(ga.total, gb.total) - c2 * ga.rows @ gb.rows.T) / norm
     self_a = (ga.sq + c1 * ga.total.square() - c2 * ga.rows.square().sum(-1)) / norm
     self_b = self_a if self_compare else (gb.sq + c1 * gb.total.square() - c2 * gb.rows.square().sum(-1)) / norm

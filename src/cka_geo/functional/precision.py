@@ -1,10 +1,13 @@
 """Where floating-point arithmetic ends: exact rescaling and the round-off thresholds.
 
-CKA is invariant to scaling either representation, so every layer's features are
+CKA is invariant to scaling either representation, so a layer's features can be
 multiplied, per batch, by a power of two that brings their largest magnitude into
 [0.5, 1) before any gram. A power of two scales exactly in binary floating point, so this
 changes no digit for ordinary magnitudes, while magnitudes from 1e-30 to 1e30 neither
 underflow nor overflow a float32 gram; the HSIC terms are scaled back, exactly, in float64.
+The engine's fast path (:mod:`cka_geo.functional.batched`) skips the scaling pass where the
+gram's largest diagonal entry lies in [2⁻⁴⁰, 2⁴⁰] (scale 1: the same digits) and redoes the
+layers outside it scaled.
 
 Two thresholds turn round-off into NaN instead of a made-up number (both stated in
 README and tested against the float64 reference in tests/test_reliability_numerics.py):

@@ -1,0 +1,221 @@
+"""The engine's two bulk steps, written to run as few, large tensor operations as possible.
+
+* :func:`fast_linear_grams`: one width's linear grams of one batch from one (L, n, p)
+  stack: with features that already lie in one buffer (consecutive (n, p) slices of an
+  (L, n, p) tensor, as :func:`cka_geo.features.hooks.capture` gives them) there is no
+  stacking copy; layers with a small offset need no centering pass either, the others are
+  centred in one pass; no scaling pass where the grams' magnitudes are safe.
+* :func:`frobenius`: every ⟨K_a, K_b⟩_F of two gram stacks as a few large matmuls over
+  chunks of the n² gram entries, each float32 partial summing :data:`FROB_TERMS` terms at
+  most, the partials added in float64.
+
+Why few, large operations: every torch CPU operation on a tensor of more than a few thousand
+elements is an OpenMP parallel region ending in a barrier. With another process competing
+for the cores, a barrier waits for a descheduled thread for up to a scheduler time slice, so
+the time goes with the number of regions, not with the work: the former per-layer scaling
+loops and one small matmul per gram row (n of them per batch) made the engine 20 times slower
+under one competing process. Here a batch costs a fixed handful of regions per width.
+
+Where float32 is safe (the float64 guarantee is about the sums and the HSIC terms): the
+features are centred before the gram where they have an offset (no cancellation against
+it; H K H = X_c X_cᵀ, Kornblith et al. 2019), scaled by an exact power of two (no under- or
+overflow; unscaled wherever the gram's diagonal is within [2⁻⁴⁰, 2⁴⁰], which leaves every
+float32 intermediate far inside its normal range), and every float32 sum runs over at most a few thousand terms of like size, whose
+relative rounding error (≈ √m · 2⁻²⁴ for m terms) stays far below the 1e-6 stated for float32
+input; the terms of Song et al.'s (2012) unbiased HSIC_1 and the minibatch sums of Nguyen,
+Raghu & Kornblith (2021) are then formed and added in float64.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cka_geo.functional.precision import pow2_scale
+
+#: Most gram entries behind one float32 partial sum of the Frobenius products.
+FROB_TERMS = 8192
+
+# The safe range of a float32 gram's largest diagonal entry, max ‖x_i‖²: every gram entry is
+# at most that (Cauchy-Schwarz), the n² products of two grams stay below 2¹²⁰ for n < 2²⁰, and
+# their leading terms far above float32's smallest normal (2⁻¹²⁶). Outside it, the features
+# are scaled by a power of two first.
+_LOW, _HIGH = 2.0**-40, 2.0**40
+# Multiply-adds under which the cross product runs on one thread (36 x 36 layers at n <= 128).
+_SMALL_PRODUCT = 1 << 25
+# Rows whose spread around the batch mean decides whether a layer's offset is small.
+_HEAD = 32
+
+
+def as_stack(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensors as one (L, n, p) view when they are consecutive slices of one buffer.
+
+    Args:
+        tensors: (n, p) tensors of one shape, dtype and device.
+
+    Returns:
+        A view of their common storage with no copy, or None when they are not laid out so
+        (then they must be stacked).
+    """
+    first = tensors[0]
+    n, p = first.shape
+    if not first.is_contiguous():
+        return None
+    step = n * p
+    base, storage = first.storage_offset(), first.untyped_storage().data_ptr()
+    for j, t in enumerate(tensors):
+        if (
+            t.shape != first.shape
+            or t.dtype != first.dtype
+            or not t.is_contiguous()
+            or t.untyped_storage().data_ptr() != storage
+            or t.storage_offset() != base + j * step
+        ):
+            return None
+    return first.as_strided((len(tensors), n, p), (step, p, 1))
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block's CPU tensor operations on one thread (restored after).
+
+    For the memory-bound steps (copies, centering, sums over grams): two threads gain
+    little on them, while under a competing load each of their parallel regions waits at its
+    barrier for a descheduled thread (measured: a centering pass 1.6 ms on one thread,
+    28 ms on two, with the machine's two cores oversubscribed). The matmuls keep torch's
+    thread setting. No effect on CUDA tensors.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class GramWork:
+    """Work buffers an accumulator keeps between batches, so that grams need no new memory.
+
+    Only memory: what a batch computes depends on its own features alone.
+
+    Attributes:
+        buffers: Buffers for stacked or centred features, by shape, dtype and device.
+    """
+
+    buffers: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
+
+    def buffer(self, like: torch.Tensor, count: int) -> torch.Tensor:
+        """A (count, n, p) buffer of ``like``'s dtype and device, reused between calls."""
+        key = (count, *like.shape, like.dtype, like.device)
+        buf = self.buffers.get(key)
+        if buf is None:
+            buf = self.buffers[key] = torch.empty((count, *like.shape), dtype=like.dtype, device=like.device)
+        return buf
+
+
+def fast_linear_grams(
+    tensors: list[torch.Tensor], out: torch.Tensor, work: GramWork
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Linear grams of one width's features of one batch into ``out``, unscaled.
+
+    The features (all of the grams' dtype) are used as one (L, n, p) stack: their own
+    buffer when they lie in one (no copy), else one stacking copy into ``work``. A layer
+    whose offset is small has its gram made from its features as they are; the others are
+    centred first (one pass for all of them). Both grams give the same HSIC in exact
+    arithmetic: U-centering (and H · H for the biased estimator) annihilates the row and
+    column terms an offset adds to X Xᵀ. In float32 an uncentred gram is kept only when its
+    offset holds at most as much energy as its centred features (n ‖μ‖² ≤ ‖X_c‖²: at most a
+    bit lost to cancellation). The choice is made per layer from its own features (the
+    offset against the spread of the first :data:`_HEAD` rows, a pure function of the
+    batch), so identical features give bit-identical grams in every model and wrapper.
+
+    Args:
+        tensors: L features (n, p) of one width and of ``out``'s dtype.
+        out: An (L, n, n) buffer for their grams.
+        work: Work buffers.
+
+    Returns:
+        ``(centred_sq, offset_sq, redo)``: (L,) float64 ‖X_c‖² and n ‖μ‖², and the
+        positions of the layers to redo by the scaled, centred path: a gram whose diagonal
+        left the safe range [2⁻⁴⁰, 2⁴⁰] (features far from unit magnitude, constant, NaN
+        or Inf), or an uncentred gram that met a larger offset than its head rows showed.
+    """
+    count, (n, _) = len(tensors), tensors[0].shape
+    raw = as_stack(tensors)
+    copied = raw is None
+    if raw is None:
+        raw = work.buffer(tensors[0], count)
+        with one_thread():
+            for j, t in enumerate(tensors):  # faster than torch.stack's cat for a few large inputs
+                raw[j].copy_(t)
+    with one_thread():
+        # Column sums as a matmul: one read of the stack, a BLAS call rather than a strided sum.
+        ones = torch.ones((count, 1, n), dtype=raw.dtype, device=raw.device)
+        mu = torch.bmm(ones, raw).div_(n)
+        offset_sq = n * mu.square().sum((1, 2)).to(torch.float64)
+        head = min(n, _HEAD)
+        spread = (raw[:, :head] - mu).square().sum((1, 2)).to(torch.float64) * (n / head)
+        direct = offset_sq <= 0.25 * spread
+        x = raw
+        if not bool(direct.all()):  # x − 0 is x exactly: the direct layers keep their own values
+            x = torch.sub(raw, mu * direct.logical_not().to(raw.dtype)[:, None, None],
+                          out=raw if copied else work.buffer(tensors[0], count))
+    torch.bmm(x, x.transpose(1, 2), out=out)
+    with one_thread():
+        diag = out.diagonal(dim1=-2, dim2=-1)
+        sq = diag.sum(-1, dtype=torch.float64)
+        peak = diag.amax(-1).to(torch.float64)
+        centred_sq = torch.where(direct, sq - offset_sq, sq)  # ‖X‖² = ‖X_c‖² + n ‖μ‖²
+        bad = ~((peak >= _LOW) & (peak <= _HIGH)) | (direct & (offset_sq > centred_sq))  # NaN: bad
+    return centred_sq, offset_sq, bad.nonzero().flatten().tolist()  # one host sync
+
+
+def scaled_stack(chunk: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features scaled by powers of two into [0.5, 1), cast to ``dtype``, centred: (x, s, n ‖μ‖²).
+
+    The general path (the RBF kernel, features of another dtype than the grams', magnitudes
+    outside the fast path's safe range). float64 features headed for float32 grams are
+    scaled before the cast (their range is wider than float32's); the others after.
+    """
+    s = pow2_scale(torch.stack([t.abs().amax() for t in chunk]))
+    pre = [t.dtype == torch.float64 and dtype != torch.float64 for t in chunk]
+    x = torch.stack([(t * s[j]).to(dtype) if pre[j] else t.to(dtype) for j, t in enumerate(chunk)])
+    post = s.clone()
+    post[[j for j, p in enumerate(pre) if p]] = 1.0
+    x.mul_(post.to(dtype)[:, None, None])
+    mu = x.mean(dim=1, keepdim=True)
+    x -= mu
+    return x, s, x.shape[1] * mu.square().sum((1, 2)).to(torch.float64)
+
+
+def frobenius(ka: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
+    """All ⟨K_a, K_b⟩_F of two (L, n, n) gram stacks, (L_A, L_B) in float64.
+
+    The n² entries are cut into chunks of at most :data:`FROB_TERMS`; each chunk is one
+    matmul (L_A, m) @ (m, L_B) of the batched product, with no copy of either stack, and the
+    float32 partials add in float64 (a single float32 sum over all n² entries would lose
+    √(n²) more digits).
+    """
+    la, n = ka.shape[0], ka.shape[-1]
+    flat_a, flat_b = ka.reshape(la, n * n), kb.reshape(kb.shape[0], n * n)
+    m = min(n, max(1, FROB_TERMS // n)) * n  # whole gram rows per chunk
+    c = n * n // m
+    head_a = flat_a[:, : c * m].unflatten(1, (c, m)).transpose(0, 1)  # (c, L_A, m), a view
+    head_b = flat_b[:, : c * m].unflatten(1, (c, m)).permute(1, 2, 0)  # (c, m, L_B), a view
+    # A small product is memory-bound: one thread (see one_thread), else torch's setting.
+    with one_thread() if la * flat_b.shape[0] * n * n < _SMALL_PRODUCT else contextlib.nullcontext():
+        out = torch.bmm(head_a, head_b).sum(0, dtype=torch.float64)
+        if c * m < n * n:
+            out += (flat_a[:, c * m :] @ flat_b[:, c * m :].T).to(torch.float64)
+    return out
+
+
+__all__ = ["FROB_TERMS", "GramWork", "as_stack", "fast_linear_grams", "frobenius", "one_thread", "scaled_stack"]

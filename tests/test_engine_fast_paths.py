@@ -1,0 +1,136 @@
+"""The engine's fast paths (functional/batched.py, the RBF median) against float64 references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import reference as ref
+from cka_geo.accumulator import MinibatchCKA
+from cka_geo.functional import batched, rbf_sigma
+from cka_geo.functional.batched import GramWork, as_stack, fast_linear_grams, frobenius, one_thread
+
+
+def c64(x: np.ndarray) -> np.ndarray:
+    """Centred in float64: the reference's uncentred float64 gram would lose digits to an offset."""
+    x = x.astype(np.float64)
+    return x - x.mean(0)
+
+
+def model(seed: int, n: int, widths: list[int], offset: float, scale: float) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, 6))
+    out = []
+    for w in widths:
+        x = np.tanh(z @ rng.standard_normal((6, w))) + 0.5 * rng.standard_normal((n, w))
+        out.append(((x + offset * rng.uniform(0.5, 1.5, w)) * scale).astype(np.float32))
+    return out
+
+
+def engine(batches_a, batches_b, stacked: bool = False, **kw) -> np.ndarray:
+    acc = MinibatchCKA(**kw)
+    for fa, fb in zip(batches_a, batches_b, strict=True):
+        acc.update(*(_feats(f, p, stacked) for f, p in ((fa, "a"), (fb, "b"))))
+    return acc.compute().matrix
+
+
+def _feats(xs: list[np.ndarray], prefix: str, stacked: bool) -> dict[str, torch.Tensor]:
+    if stacked and len({x.shape for x in xs}) == 1:  # one buffer, as capture gives them
+        buf = torch.from_numpy(np.stack(xs))
+        return {f"{prefix}{i}": buf[i] for i in range(len(xs))}
+    return {f"{prefix}{i}": torch.from_numpy(x) for i, x in enumerate(xs)}
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(0, 10_000),
+    st.sampled_from([0.0, 0.05, 0.3, 1.0, 10.0, 100.0]),
+    st.sampled_from([1e-6, 1e-2, 1.0, 1e3]),
+    st.sampled_from([[16, 8, 16], [12], [8, 8, 8]]),
+    st.sampled_from([12, 33, 64]),
+    st.sampled_from(["unbiased", "biased"]),
+    st.booleans(),
+)
+def test_float32_features_of_any_offset_and_scale_give_the_float64_cka(seed, offset, scale, widths, n, estimator, stacked):
+    # Offsets from none (uncentred grams) to 100x the spread (centred first), tiny and large
+    # scales, widths in one group and in non-consecutive groups, separate and stacked layers.
+    ba = [model(seed + i, n, widths, offset, scale) for i in range(3)]
+    bb = [model(seed + 50 + i, n, [10, *widths[:1]], 0.0, 1.0) for i in range(3)]
+    got = engine(ba, bb, stacked, estimator=estimator)
+    want = ref.minibatch_cka_matrix([[c64(x) for x in f] for f in ba], [[c64(y) for y in f] for f in bb], "linear", estimator)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_stacked_and_separate_features_give_bit_identical_results():
+    ba = [model(i, 40, [16, 16, 16], 0.2, 1.0) for i in range(2)]
+    bb = [model(9 + i, 40, [16, 16], 5.0, 1.0) for i in range(2)]
+    assert np.array_equal(engine(ba, bb, stacked=True), engine(ba, bb, stacked=False))
+
+
+def test_as_stack_views_one_buffer_without_a_copy_and_refuses_other_layouts():
+    buf = torch.randn(5, 7, 3)
+    view = as_stack([buf[i] for i in range(5)])
+    assert view is not None and view.data_ptr() == buf.data_ptr() and torch.equal(view, buf)
+    assert torch.equal(as_stack([buf[i] for i in range(1, 4)]), buf[1:4])  # type: ignore[arg-type]
+    assert as_stack([buf[0], buf[2]]) is None  # a gap
+    assert as_stack([buf[1], buf[0]]) is None  # out of order
+    assert as_stack([torch.randn(7, 3), torch.randn(7, 3)]) is None  # separate tensors
+    assert as_stack([torch.randn(7, 3)]) is not None  # one contiguous layer is a stack
+    assert as_stack([buf[0].T.contiguous().T]) is None  # column-major
+    assert as_stack([buf[:, :, :2][0], buf[:, :, :2][1]]) is None  # not contiguous
+
+
+def test_an_offset_its_first_rows_hide_is_found_and_the_layer_redone_centred():
+    # The first 32 rows swing +-2c around 0 (a wide spread against the mean), the other 480
+    # sit at c: the head rows call the offset small, the gram's own diagonal shows it is not.
+    n, p, c = 512, 6, 3.0
+    x = np.full((n, p), c, dtype=np.float32) + 1e-3 * np.random.default_rng(0).standard_normal((n, p)).astype(np.float32)
+    x[:32] = 2 * c * np.where(np.arange(32)[:, None] % 2, 1.0, -1.0)
+    y = model(1, n, [5], 0.0, 1.0)[0]
+    t = torch.from_numpy(x)
+    _, _, redo = fast_linear_grams([t, torch.from_numpy(y[:, :1].repeat(6, 1))], torch.empty(2, n, n), GramWork())
+    assert redo == [0]
+    got = engine([[x]], [[y]])[0, 0]
+    want = ref.minibatch_cka_matrix([[c64(x)]], [[c64(y)]])[0, 0]
+    assert got == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.parametrize("n, terms", [(300, 8192), (64, 8192), (37, 100), (16, 1)])
+def test_frobenius_chunks_equal_float64_products(monkeypatch, n, terms):
+    # Whole chunks plus a remainder (300 = 11 x 27 + 3 rows), one chunk, many small ones.
+    monkeypatch.setattr(batched, "FROB_TERMS", terms)
+    g = torch.Generator().manual_seed(n)
+    ka, kb = torch.randn(4, n, n, generator=g), torch.randn(3, n, n, generator=g) + 2.0
+    want = torch.einsum("aij,bij->ab", ka.double(), kb.double())
+    got = frobenius(ka, kb)
+    assert got.dtype == torch.float64
+    scale = torch.outer(ka.double().flatten(1).norm(dim=1), kb.double().flatten(1).norm(dim=1))
+    assert ((got - want).abs() / scale).max().item() < 1e-6
+
+
+def test_one_thread_restores_the_thread_count_even_after_an_error():
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="boom"), one_thread():
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(4, 30), st.integers(0, 10_000), st.integers(1, 6), st.sampled_from([0.2, 0.4]))
+def test_rbf_median_is_the_median_of_the_distinct_pairs_with_ties(n, seed, levels, frac):
+    # Integer distances from a few levels: many ties, zeros among the pairs, both parities.
+    rng = np.random.default_rng(seed)
+    d = rng.integers(0, levels + 1, size=(n, n)).astype(np.float64)
+    d = np.triu(d, 1) + np.triu(d, 1).T
+    pairs = d[np.triu_indices(n, 1)]
+    med = float(np.median(pairs))
+    want = frac * np.sqrt(med if med > 0 else pairs.mean()) if pairs.any() else float("nan")
+    for dtype in (torch.float64, torch.float32):
+        got = rbf_sigma(torch.from_numpy(d).to(dtype), frac).item()
+        assert got == pytest.approx(want, rel=1e-12, nan_ok=True)
+    stack = torch.from_numpy(np.stack([d, 2 * d]))  # batched: per matrix
+    np.testing.assert_allclose(rbf_sigma(stack, frac).numpy(), [want, want * np.sqrt(2)], rtol=1e-12)
