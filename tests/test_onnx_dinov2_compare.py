@@ -44,7 +44,8 @@ def test_a_planted_change_in_the_real_dinov2_is_found_where_planted(perturbed, t
     names = res["layers"]
     k = names.index(PLANTED)
     assert all(res["diagonal"][n] == 1.0 for n in names[:k]), "upstream of the change: exactly 1"
-    assert res["diagonal"][PLANTED] < 1 - 1e-4
+    # beyond the verdict's noise level (with 4 probe crops 1 - CKA is 2e-5 to 1e-3 by size)
+    assert res["diagonal"][PLANTED] < 1 - res["settings"]["noise_level"]
     assert res["summary"]["first_changed"] == PLANTED
     settings = res["settings"]
     assert settings["normalize"]["name"] == "imagenet" and settings["normalize"]["std"] == [0.229, 0.224, 0.225]
