@@ -48,6 +48,20 @@ INTERVAL_METHODS = {
 }
 
 
+def run_settings(result: CKAResult, opts: CompareOptions, data_desc: str, device: Any) -> dict[str, Any]:
+    """The settings every compare mode records the same way: samples, batches, seed, data, device."""
+    return {
+        "samples": result.samples,
+        "samples_skipped": result.samples_skipped,
+        "batch_size": opts.batch_size,
+        "batches": len(result.batch_sizes),
+        "seed": opts.seed,
+        "data": data_desc,
+        "time_mode": opts.time_mode if result.extra.get("time_series") else None,
+        "device": str(device),
+    }
+
+
 def _degenerate_record(result: CKAResult, names: list[str], own: list[str]) -> dict[str, dict[str, int]]:
     """Batches in which each sublayer counted as 0 (only the nonzero counts)."""
     if result.degenerate_a is None or result.degenerate_b is None:
@@ -183,14 +197,7 @@ def build_results(
         else "full-batch biased CKA (Kornblith et al. 2019)",
         "pooling": pooling,
         "num_prefix_tokens": captured["pre"]["num_prefix_tokens"],
-        "samples": result.samples,
-        "samples_skipped": result.samples_skipped,
-        "batch_size": opts.batch_size,
-        "batches": len(result.batch_sizes),
-        "seed": opts.seed,
-        "data": data_desc,
-        "time_mode": opts.time_mode if result.extra.get("time_series") else None,
-        "device": str(device),
+        **run_settings(result, opts, data_desc, device),
         "sublayers": list(opts.sublayers) if not opts.names else None,
         "own_change_kinds": sorted({kind_of(n) for n in own_list}, key=list(KINDS).index) if own_list else None,
         "bootstrap": opts.bootstrap if boot and method == "percentile" else 0,

@@ -14,7 +14,7 @@ from torch import nn
 from cka_geo.accumulator import CKAResult, MinibatchCKA
 from cka_geo.budget import CKAWorkload, batches_for, check_fits
 from cka_geo.checkpoints import LoadedCheckpoint, build_model
-from cka_geo.compare.build import _checkpoint_record, _versions
+from cka_geo.compare.build import _checkpoint_record, _versions, run_settings
 from cka_geo.compare.inputs import at_size, device_defaults, native_hw, parse_size
 from cka_geo.compare.options import CompareOptions, resolve_device
 from cka_geo.compare.probes import cut_batches, open_probes
@@ -118,14 +118,7 @@ def compare_cross(
         "estimator": result.estimator,
         "pooling": cap["pre"]["pooling"],
         "num_prefix_tokens": {"pre": cap["pre"]["num_prefix_tokens"], "ft": cap["ft"]["num_prefix_tokens"]},
-        "samples": result.samples,
-        "samples_skipped": result.samples_skipped,
-        "batch_size": opts.batch_size,
-        "batches": len(result.batch_sizes),
-        "seed": opts.seed,
-        "data": data_desc,
-        "time_mode": opts.time_mode if result.extra.get("time_series") else None,
-        "device": str(device),
+        **run_settings(result, opts, data_desc, device),
         "sublayers": list(opts.sublayers),
         "bootstrap": 0,
         "image_size": [hw[0], hw[1]],
