@@ -96,7 +96,7 @@ def test_final_tokens_match_the_onnx_graph_at_112_px_by_the_hf_resample_rule():
 
 def test_blocks_match_the_onnx_graph_at_518_px():
     """Native size (no resample), the first two blocks (the full depth at 518 px is in
-    tests_interop/test_onnx_dinov2.py: the ReferenceEvaluator takes ~35 s there)."""
+    tests_interop/test_onnx_dinov2_libs.py: the ReferenceEvaluator takes ~35 s there)."""
     out, _ = converted()
     x = _image(518, seed=1)
     ref = reference_run(block_output(1), x)
