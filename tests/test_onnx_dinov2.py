@@ -21,6 +21,7 @@ from cka_geo.checkpoints import onnx_dinov2 as od
 from cka_geo.checkpoints.memory import load_model
 from cka_geo.cli import main
 from cka_geo.errors import CheckpointError, UsageError
+from cka_geo.functional import full_fp32_matmul
 
 #: Agreement with the ReferenceEvaluator in float32, absolute (tokens reach |9|);
 #: measured 1.3e-5 at 112 px, 2.1e-5 at 224 px, 1.8e-5 at 518 px.
@@ -84,12 +85,12 @@ def test_final_tokens_match_the_onnx_graph_at_112_px_by_the_hf_resample_rule():
     x = _image(112)
     ref = reference_run(FINAL, x)
     model = build_model(load_checkpoint(out))
-    with torch.no_grad():
+    with torch.no_grad(), full_fp32_matmul():
         ours = model.forward_features(torch.from_numpy(x)).numpy()
     assert ref.shape == ours.shape == (1, 65, 384)
     np.testing.assert_allclose(ours, ref, rtol=0, atol=ATOL)
     model.cfg.pos_embed_antialias = True  # the timm rule: measurably another model
-    with torch.no_grad():
+    with torch.no_grad(), full_fp32_matmul():
         other = model.forward_features(torch.from_numpy(x)).numpy()
     assert np.abs(other - ref).max() > 100 * ATOL
 
@@ -108,7 +109,7 @@ def test_blocks_match_the_onnx_graph_at_518_px():
         raise _Stop  # the later blocks are not needed
 
     handle = model.blocks[1].register_forward_hook(stop)
-    with torch.no_grad(), pytest.raises(_Stop):
+    with torch.no_grad(), full_fp32_matmul(), pytest.raises(_Stop):
         model.forward_features(torch.from_numpy(x))
     handle.remove()
     assert ref.shape == tuple(got["y"].shape) == (1, 1370, 384)

@@ -200,3 +200,23 @@ def test_interval_method_is_chosen_and_recorded(tmp_path, pair):
             assert lo <= value <= hi
     assert jk["intervals"] != pc["intervals"]
     assert main(["compare", *common, "--interval", "bca", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_a_global_medium_matmul_precision_does_not_reach_the_forwards(pair):
+    """torchgeo and terratorch call torch.set_float32_matmul_precision("medium") at import;
+    on CPUs with bf16 units (and on CUDA) that turns float32 matmuls into bf16 ones. A float32
+    compare must be float32 anyway, and leave the process's setting as it found it."""
+    from cka_geo.compare import compare_checkpoints
+
+    pre, ft = pair
+    kw = dict(samples=16, batch_size=8, own_change=False, progress=False, interval="none")
+    exact = compare_checkpoints(pre, ft, **kw)
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        got = compare_checkpoints(pre, ft, **kw)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert got["diagonal"] == exact["diagonal"]
+    assert got.matrix.tobytes() == exact.matrix.tobytes()

@@ -18,7 +18,7 @@ from cka_geo.compare.build import _checkpoint_record, _versions, run_settings
 from cka_geo.compare.inputs import at_size, device_defaults, native_hw, parse_size
 from cka_geo.compare.options import CompareOptions, resolve_device
 from cka_geo.compare.probes import cut_batches, open_probes
-from cka_geo.compare.run import _progress
+from cka_geo.compare.run import _forward_precision, _progress
 from cka_geo.errors import DataError, UsageError
 from cka_geo.features import capture, forward_batch, resolve_sublayers
 from cka_geo.results_cross import CrossResult
@@ -153,6 +153,7 @@ def _run(
     held_a: list[dict[str, torch.Tensor]] = []
     held_b: list[dict[str, torch.Tensor]] = []
     time_series = False
+    precision = _forward_precision(opts, next(model_a.parameters()).device)
     with (
         capture(model_a, names_a, pooling=opts.pooling) as cap_a,
         capture(model_b, names_b, pooling=opts.pooling) as cap_b,
@@ -160,8 +161,9 @@ def _run(
     ):
         for x in batches:
             time_series = time_series or x.ndim == 5
-            fa = forward_batch(model_a, x, cap_a, time_mode=opts.time_mode).features
-            fb = forward_batch(model_b, x, cap_b, time_mode=opts.time_mode).features
+            with precision():  # full float32 matmuls, or bf16 autocast with --forward-precision bf16
+                fa = forward_batch(model_a, x, cap_a, time_mode=opts.time_mode).features
+                fb = forward_batch(model_b, x, cap_b, time_mode=opts.time_mode).features
             if opts.estimator == "biased":
                 held_a.append(fa)
                 held_b.append(fb)

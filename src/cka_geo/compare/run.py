@@ -18,6 +18,7 @@ from cka_geo.compare.options import _OWN, CompareOptions, own_names
 from cka_geo.compare.shard import ShardCKA, merge, owns, shard_images
 from cka_geo.errors import UsageError
 from cka_geo.features import capture, forward_batch, sublayer_map
+from cka_geo.functional.minibatch import full_fp32_matmul
 
 
 def _progress(total: int, enabled: bool | None) -> Any:
@@ -275,14 +276,18 @@ def check_memory(
 
 
 def _forward_precision(opts: CompareOptions, device: torch.device) -> Any:
-    """A context for the forwards: bf16 autocast with ``forward_precision="bf16"``, else nothing.
+    """A context for the forwards: bf16 autocast with ``forward_precision="bf16"``, else
+    full float32 matmuls.
 
     Only the forwards change: the captured features are pooled in float32 and the grams and
-    sums are float32/float64 as in a float32 run.
+    sums are float32/float64 as in a float32 run. A float32 run is float32 whatever the
+    process set: libraries set ``torch.set_float32_matmul_precision("medium")`` at import
+    (torchgeo/terratorch do), which lets CPU (oneDNN) and CUDA matmuls run in bf16/TF32 and
+    moved a real DINOv2's block outputs by 0.05 here.
     """
     if opts.forward_precision == "bf16":
         return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
+    return full_fp32_matmul
 
 
 class _Clock:
