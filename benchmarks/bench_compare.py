@@ -24,23 +24,17 @@ import sys
 import time
 
 import torch
+from _pair import model_pair
 
 from cka_geo.compare import CompareOptions, run_cka
 from cka_geo.data import iter_probe_batches
 from cka_geo.features import resolve_sublayers
-from cka_geo.vit import VisionTransformer, ViTConfig
+from cka_geo.vit import ViTConfig
 
 
 def models(img: int, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
     cfg = ViTConfig(img_size=img, patch_size=16, in_chans=13, embed_dim=384, depth=12, num_heads=6)
-    torch.manual_seed(0)
-    pre = VisionTransformer(cfg).to(device).eval()
-    ft = VisionTransformer(cfg).to(device).eval()
-    ft.load_state_dict(pre.state_dict())
-    with torch.no_grad():
-        for p in ft.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    return pre, ft
+    return model_pair(cfg, device)
 
 
 def run(n: int, img: int, batch: int, device: torch.device) -> tuple[dict[str, float], float]:

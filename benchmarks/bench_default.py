@@ -24,6 +24,7 @@ import time
 import warnings
 
 import torch
+from _pair import model_pair
 
 from cka_geo.compare import CompareOptions, compare_models, run_cka
 from cka_geo.compare.inputs import default_image_size, device_defaults
@@ -32,7 +33,7 @@ from cka_geo.data import distinct_crops
 from cka_geo.data.normalize import resolve
 from cka_geo.features import resolve_sublayers
 from cka_geo.sublayers import DEFAULT_KINDS
-from cka_geo.vit import VisionTransformer, ViTConfig
+from cka_geo.vit import ViTConfig
 
 CFG = ViTConfig(img_size=518, patch_size=14, in_chans=3, embed_dim=384, depth=12, num_heads=6)
 GOAL_S = 300.0
@@ -40,14 +41,7 @@ GOAL_S = 300.0
 
 def models(device: torch.device, cfg: ViTConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A pretrained-like and a fine-tuned-like model: the second is the first plus 1 % noise."""
-    torch.manual_seed(0)
-    pre = VisionTransformer(cfg).to(device).eval()
-    ft = VisionTransformer(cfg).to(device).eval()
-    ft.load_state_dict(pre.state_dict())
-    with torch.no_grad():
-        for p in ft.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    return pre, ft
+    return model_pair(cfg, device)
 
 
 def main() -> None:

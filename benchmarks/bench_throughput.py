@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 import torch
+from _pair import model_pair
 from torch.utils.data import TensorDataset
 
 from cka_geo.compare import CompareOptions, run_cka
@@ -45,14 +46,7 @@ def config(size: str, device: torch.device) -> ViTConfig:
 
 
 def pair(cfg: ViTConfig, device: torch.device, change: float) -> tuple[torch.nn.Module, torch.nn.Module]:
-    torch.manual_seed(0)
-    pre = VisionTransformer(cfg).to(device).eval()
-    ft = VisionTransformer(cfg).to(device).eval()
-    ft.load_state_dict(pre.state_dict())
-    with torch.no_grad():
-        for p in ft.parameters():
-            p.add_(change * p.std().nan_to_num() * torch.randn_like(p))
-    return pre, ft
+    return model_pair(cfg, device, change, relative=True)
 
 
 def compare(
