@@ -122,7 +122,8 @@ def test_fc1_share_matches_a_recount_of_the_cells_results(study):
                 counts[view]["unchanged"] += 1
                 continue
             counts[view][max(means, key=lambda k: means[k])] += 1
-    rows = {r["view"]: r for r in _rows(study / "aggregate" / "fc1_share.csv") if r["encoder"] == "all"}
+    rows = {r["view"]: r for r in _rows(study / "aggregate" / "fc1_share.csv")
+            if r["encoder"] == "all" and r["adaptation"] == "all"}
     for view, c in counts.items():
         counted = sum(v for k, v in c.items() if k != "unchanged")
         assert int(rows[view]["counted"]) == counted
@@ -301,7 +302,8 @@ def test_shards_split_the_cells_and_the_last_one_aggregates_frozen_cells_left_ou
     assert not (out / "aggregate").exists()
     assert main(["study", str(cfg), "--out", str(out), "--shard", "0/2", "--device", "cpu", "--no-figures"]) == 0
     assert capsys.readouterr().out.strip() == str(out / "aggregate")
-    rows = {r["view"]: r for r in _rows(out / "aggregate" / "fc1_share.csv") if r["encoder"] == "all"}
+    rows = {r["view"]: r for r in _rows(out / "aggregate" / "fc1_share.csv")
+            if r["encoder"] == "all" and r["adaptation"] == "all"}
     for view in ("same", "own"):  # the frozen encoder is bit-identical to its start: no most changed kind
         assert (rows[view]["counted"], rows[view]["unchanged"]) == ("2", "2")
     frozen = [r for r in _rows(out / "aggregate" / "cells.csv") if r["adaptation"] == "frozen"]
@@ -336,3 +338,69 @@ def test_a_task_on_a_users_class_folders_trains_there_and_compares_on_its_test_s
     bad = tmp_path / "bad.toml"
     bad.write_text(MINI.replace('task = "classification"', 'task = "multilabel"'))
     assert main(["study", str(bad), "--out", str(tmp_path / "o3")]) == 2
+
+
+def test_a_checkpoint_encoder_at_another_image_size_with_its_own_lr(tmp_path):
+    """``image_size`` resamples a file encoder's pos_embed for the tiles; compare and probe see that size."""
+    import torch
+
+    from cka_geo.checkpoints import save_checkpoint
+    from cka_geo.models.vit import ViTConfig, VisionTransformer
+
+    torch.manual_seed(0)
+    vcfg = ViTConfig(img_size=48, patch_size=8, in_chans=3, embed_dim=16, depth=2, num_heads=2)
+    save_checkpoint(tmp_path / "rgb.pt", VisionTransformer(vcfg), vcfg)
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(MINI.replace('checkpoint = "builtin:random"\ndepth = 1\nembed_dim = 16\npatch_size = 8',
+                                'checkpoint = "rgb.pt"\nimage_size = 32\nfinetune_lr = 0.003')
+                       .replace("seeds = [0, 1]", "seeds = [0]").replace('"full", "frozen"', '"full"')
+                       .replace("enabled = false", "enabled = true\ncv_folds = 2"))
+    out = tmp_path / "o"
+    assert main(["study", str(cfg), "--out", str(out), "--threads", "1", "--device", "cpu", "--no-figures"]) == 0
+    (cell,) = (out / "cells").iterdir()
+    res = json.loads((cell / "compare" / "results.json").read_text())
+    assert res["settings"]["image_size"] == [32, 32]  # not the checkpoint's 48
+    assert res["settings"]["normalize"]["name"] == "scene"  # the tiles' z-scoring, not imagenet for 3 bands
+    assert res["settings"]["pos_embed_resample"]
+    probe = json.loads((cell / "probe" / "probe.json").read_text())
+    assert probe["extra"]["tile_size"] == 32
+    assert probe["extra"]["checkpoint"] == str(cell / "finetune" / "ft.pt")  # where it is, not the temporary
+    enc_probe = json.loads((out / "encoders" / "r" / "probe" / "probe.json").read_text())
+    assert enc_probe["extra"]["tile_size"] == 32
+    last = torch.load(cell / "finetune" / "checkpoints" / "last.pt", weights_only=False, map_location="cpu")
+    assert last["config"]["train"]["lr"] == pytest.approx(0.003)
+    bad = tmp_path / "bad.toml"
+    for edit, named in (("image_size = 32", "image_size = 200"), ("finetune_lr = 0.003", "finetune_lr = -1")):
+        bad.write_text(cfg.read_text().replace(edit, named))
+        key = "encoders.r." + named.split(" =")[0]
+        with pytest.raises(UsageError, match=key):
+            load_config(bad)
+    with pytest.raises(UsageError, match="encoders.r.image_size: a builtin encoder's size is img_size"):
+        parse_config(MINI.replace("depth = 1", "depth = 1\nimage_size = 16"), "m.toml")
+
+
+def test_kind_change_and_share_intervals_recomputed_from_the_cells_table(study):
+    from cka_geo.study.aggregate import wilson_interval
+
+    cells = _rows(study / "aggregate" / "cells.csv")
+    kinds = _rows(study / "aggregate" / "kind_change.csv")
+    for view in ("same", "own"):
+        sel = [r for r in cells if r["encoder"] == "mae" and r["adaptation"] == "full"
+               and r[f"most_changed_kind_{view}"]]
+        per_seed = defaultdict(lambda: defaultdict(list))
+        for r in sel:
+            for k in ("attn", "fc1", "fc2"):
+                per_seed[r["seed"]][k].append(float(r[f"mean_change_{k}_{view}"]))
+        means = {s: {k: sum(v) / len(v) for k, v in d.items()} for s, d in per_seed.items()}
+        row = {r["kind"]: r for r in kinds if (r["view"], r["encoder"], r["adaptation"]) == (view, "mae", "full")}
+        fc1 = [m["fc1"] for m in means.values()]
+        assert float(row["fc1"]["change"]) == pytest.approx(sum(fc1) / len(fc1), rel=1e-4)
+        if len(fc1) > 1 and stats.sem(fc1) > 0:
+            lo, _ = stats.t.interval(0.95, len(fc1) - 1, loc=sum(fc1) / len(fc1), scale=stats.sem(fc1))
+            assert float(row["fc1"]["ci_lo"]) == pytest.approx(lo, rel=1e-4, abs=1e-9)
+        margin = [m["fc1"] - max(m["attn"], m["fc2"]) for m in means.values()]
+        assert float(row["fc1_margin"]["change"]) == pytest.approx(sum(margin) / len(margin), rel=1e-4, abs=1e-9)
+    for k, n in ((0, 5), (3, 7), (7, 7), (40, 100)):
+        ci = stats.binomtest(k, n).proportion_ci(0.95, method="wilson")
+        assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))

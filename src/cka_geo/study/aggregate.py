@@ -19,7 +19,11 @@ and a test can recompute them independently. Written into ``OUT/aggregate/`` as 
   same-layer CKA; ``own``: own change), by setting and encoder (over seeds) and by encoder
   (each seed's mean over all its cells, then over seeds). The interval is the 95 % Student-t
   interval over seeds, mean ± t(0.975, n − 1) · s / √n (empty for one seed).
-* ``fc1_share.csv``: in each view, the share of cells whose most changed kind is fc1. A
+* ``kind_change.csv``: per view, encoder and adaptation, the mean 1 − CKA over blocks of each
+  kind with its t-interval over seeds, and fc1's margin over the next most changed kind
+  (:func:`kind_change`).
+* ``fc1_share.csv``: in each view, the share of cells whose most changed kind is fc1 (with
+  its Wilson interval), overall, per encoder and per encoder x adaptation. A
   cell's most changed kind is the kind (attn, fc1, act, fc2; block outputs excluded) with the
   largest mean 1 − CKA over blocks; cells in which nothing changed beyond the numerical noise
   (a frozen encoder) are left out of the count.
@@ -215,19 +219,79 @@ def localisation(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a share ``k / n`` (Wilson 1927; NaN for ``n = 0``)."""
+    if n == 0:
+        return math.nan, math.nan
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def fc1_share(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """In each view, overall and per encoder: cells counted, cells per most changed kind, fc1's share."""
+    """In each view, overall, per encoder and per encoder x adaptation: cells per most changed kind, fc1's share.
+
+    ``share_lo``/``share_hi`` are the 95 % Wilson interval of the share, which treats the
+    counted cells as independent draws (cells of one seed share an encoder, so read it as a
+    lower bound on the uncertainty).
+    """
     rows = []
+    encoders = list(dict.fromkeys(r["encoder"] for r in table))
+    adaptations = list(dict.fromkeys(r["adaptation"] for r in table))
+    groups = [(None, None), *((e, None) for e in encoders), *((e, a) for e in encoders for a in adaptations)]
     for view in VIEWS:
-        for enc in [None, *dict.fromkeys(r["encoder"] for r in table)]:
-            sel = [r for r in table if enc is None or r["encoder"] == enc]
+        for enc, adapt in groups:
+            sel = [r for r in table if (enc is None or r["encoder"] == enc) and (adapt is None or r["adaptation"] == adapt)]
             kinds = [r[f"most_changed_kind_{view}"] for r in sel]
             counted = [k for k in kinds if k is not None]
-            row: dict[str, Any] = {"view": view, "encoder": enc or "all", "cells": len(sel), "counted": len(counted),
-                                   "unchanged": len(sel) - len(counted)}
+            row: dict[str, Any] = {"view": view, "encoder": enc or "all", "adaptation": adapt or "all", "cells": len(sel),
+                                   "counted": len(counted), "unchanged": len(sel) - len(counted)}
             row.update({f"most_{k}": counted.count(k) for k in CHANGE_KINDS})
             row["fc1_share"] = counted.count("fc1") / len(counted) if counted else math.nan
+            row["share_lo"], row["share_hi"] = wilson_interval(counted.count("fc1"), len(counted))
             rows.append(row)
+    return rows
+
+
+def kind_change(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean 1 − CKA over blocks per sublayer kind, with t-intervals over seeds; and fc1's margin.
+
+    Per view, per encoder (``adaptation`` ``all``) and per encoder x adaptation: each seed's
+    value is the mean over that seed's cells of the cell's mean change over blocks; the
+    interval is :func:`t_interval` over seeds. The ``fc1_margin`` row is, per seed, fc1's
+    mean change minus the largest other kind's (attn, act, fc2): positive when fc1 changes
+    most, and its interval says whether the seeds agree. Cells where nothing changed are left
+    out (see :func:`most_changed_kind`).
+    """
+    rows = []
+    encoders = list(dict.fromkeys(r["encoder"] for r in table))
+    adaptations = list(dict.fromkeys(r["adaptation"] for r in table))
+    for view in VIEWS:
+        for enc in encoders:
+            for adapt in (None, *adaptations):
+                sel = [r for r in table if r["encoder"] == enc and (adapt is None or r["adaptation"] == adapt)
+                       and r[f"most_changed_kind_{view}"] is not None]
+                kinds = [k for k in (*CHANGE_KINDS, "block") if any(f"mean_change_{k}_{view}" in r for r in sel)]
+                per_seed: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+                for r in sel:
+                    for k in kinds:
+                        v = r.get(f"mean_change_{k}_{view}")
+                        if v is not None and math.isfinite(v):
+                            per_seed[r["seed"]][k].append(v)
+                seed_means = {seed: {k: _mean(v) for k, v in d.items()} for seed, d in sorted(per_seed.items())}
+                base = {"view": view, "encoder": enc, "adaptation": adapt or "all", "cells": len(sel)}
+                for k in kinds:
+                    vals = [m[k] for m in seed_means.values() if k in m]
+                    mean, lo, hi = t_interval(vals)
+                    rows.append({**base, "kind": k, "n_seeds": len(vals), "change": mean, "ci_lo": lo, "ci_hi": hi})
+                others = [k for k in CHANGE_KINDS if k in kinds and k != "fc1"]
+                if "fc1" in kinds and others:
+                    margins = [m["fc1"] - max(m[k] for k in others if k in m) for m in seed_means.values()
+                               if "fc1" in m and any(k in m for k in others)]
+                    mean, lo, hi = t_interval(margins)
+                    rows.append({**base, "kind": "fc1_margin", "n_seeds": len(margins), "change": mean,
+                                 "ci_lo": lo, "ci_hi": hi})
     return rows
 
 
@@ -271,19 +335,21 @@ def aggregate(cfg: StudyConfig, out: str | Path, *, figures: bool = True) -> Pat
     ranks, taus = rankings(table)
     loc = localisation(cells)
     share = fc1_share(table)
+    kinds = kind_change(table)
     profiles, psummary = probing(cfg, folder, cells)
     summary = {"schema": SCHEMA, "study": cfg.name, "cells": len(table), "interval": INTERVAL,
                "most_changed_kind_rule": "largest mean 1 - CKA over blocks among attn, fc1, act, fc2; "
                                          "cells with no change beyond the numerical noise left out",
-               "rankings": ranks, "kendall": taus, "fc1_share": share, "probing": psummary}
+               "rankings": ranks, "kendall": taus, "fc1_share": share, "kind_change": kinds, "probing": psummary}
     dest = folder / "aggregate"
     with atomic_dir(dest) as tmp:
         for name, rows in (("cells", table), ("rankings", ranks), ("kendall", taus), ("localisation", loc),
-                           ("fc1_share", share), ("probing", profiles), ("probing_summary", psummary)):
+                           ("fc1_share", share), ("kind_change", kinds), ("probing", profiles),
+                           ("probing_summary", psummary)):
             write_text_atomic(tmp / f"{name}.csv", _csv(rows, _HEADERS.get(name)))
         write_text_atomic(tmp / "summary.json", json.dumps(_finite(summary), indent=1, allow_nan=False) + "\n")
         tables = {"cells": table, "rankings": ranks, "kendall": taus, "localisation": loc, "fc1_share": share,
-                  "probing": profiles, "probing_summary": psummary}
+                  "kind_change": kinds, "probing": profiles, "probing_summary": psummary}
         write_text_atomic(tmp / "tables.json", json.dumps(_finite(tables), allow_nan=False) + "\n")
         if figures:
             from cka_geo.study.figures import draw_all
@@ -304,4 +370,5 @@ def _finite(v: Any) -> Any:
 
 
 __all__ = ["CHANGE_KINDS", "INTERVAL", "SCHEMA", "aggregate", "cell_table", "change_profile", "fc1_share",
-           "load_cells", "localisation", "most_changed_kind", "probing", "rankings", "t_interval"]
+           "kind_change", "load_cells", "localisation", "most_changed_kind", "probing", "rankings", "t_interval",
+           "wilson_interval"]

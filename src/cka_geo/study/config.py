@@ -33,7 +33,7 @@ _COMPARE = {"samples": 512, "batch_size": 32, "bootstrap": 200, "sublayers": ["a
 _PROBE = {"enabled": True, "task": "classification", "sublayers": ["block"], "cv_folds": 5, "batch_size": 64}
 _BUILTIN = {"img_size": 32, "patch_size": 4, "bands": 13, "embed_dim": 64, "depth": 12, "heads": 2,
             "epochs": 30, "batch_size": 64, "lr": 1.5e-3, "stride": 0, "seed": 0}
-_ENCODER = {"checkpoint", "trust", *_BUILTIN}
+_ENCODER = {"checkpoint", "trust", "image_size", "finetune_lr", *_BUILTIN}
 _TASK = {"task", "data", "layout"}
 
 
@@ -46,12 +46,17 @@ class EncoderSpec:
         checkpoint: A file path (any format compare reads) or ``builtin:mae|simclr|random``.
         builtin: The builtin's settings (architecture, pretraining epochs, seed), else None.
         trust: Allow pickled code in the checkpoint file.
+        image_size: A checkpoint file's image size on the embedded tiles (its position
+            embedding resampled by its family's rule), else None: its own size.
+        finetune_lr: This encoder's cells' fine-tune learning rate, else None: ``train.lr``.
     """
 
     name: str
     checkpoint: str
     builtin: dict[str, Any] | None = None
     trust: bool = False
+    image_size: int | None = None
+    finetune_lr: float | None = None
 
     @property
     def kind(self) -> str | None:
@@ -221,7 +226,10 @@ def _encoder(c: _Checker, name: str, raw: Any, base: Path) -> EncoderSpec:
     trust = e.get("trust", False)
     if not isinstance(trust, bool):
         raise c.fail(f"{key}.trust", f"expected true or false, got {trust!r}")
+    ft_lr = c.number(e["finetune_lr"], f"{key}.finetune_lr") if "finetune_lr" in e else None
     if ckpt.startswith("builtin:"):
+        if "image_size" in e:
+            raise c.fail(f"{key}.image_size", "a builtin encoder's size is img_size")
         c.string(ckpt.removeprefix("builtin:"), f"{key}.checkpoint", tuple(f"{b}" for b in BUILTINS))
         settings = {**_BUILTIN, **{k: v for k, v in e.items() if k in _BUILTIN}}
         for k, v in settings.items():
@@ -229,12 +237,13 @@ def _encoder(c: _Checker, name: str, raw: Any, base: Path) -> EncoderSpec:
                 c.number(v, f"{key}.lr")
             else:
                 c.integer(v, f"{key}.{k}", 0 if k in ("seed", "stride") else 1)
-        return EncoderSpec(name, ckpt, settings, trust)
+        return EncoderSpec(name, ckpt, settings, trust, finetune_lr=ft_lr)
     extra = sorted(set(e) & set(_BUILTIN))
     if extra:
         raise c.fail(f"{key}.{extra[0]}", "only builtin: encoders take architecture or pretraining keys")
+    size = c.integer(e["image_size"], f"{key}.image_size", 1, 128) if "image_size" in e else None
     path = Path(ckpt).expanduser()
-    return EncoderSpec(name, str(path if path.is_absolute() else base / path), None, trust)
+    return EncoderSpec(name, str(path if path.is_absolute() else base / path), None, trust, size, ft_lr)
 
 
 def _task(c: _Checker, name: str, raw: Any, base: Path) -> TaskSpec:

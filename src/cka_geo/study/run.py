@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from cka_geo.atomic import atomic_dir, clean_stale, write_text_atomic
-from cka_geo.errors import CkaGeoError, UsageError
+from cka_geo.errors import CheckpointError, CkaGeoError, UsageError
 from cka_geo.study.config import EncoderSpec, StudyConfig, TaskSpec
 from cka_geo.study.grid import Cell, expand, shard
 
@@ -117,7 +117,8 @@ def _first_difference(old: Any, new: Any, key: str = "") -> str | None:
 
 def encoder_spec(cfg: StudyConfig, enc: EncoderSpec) -> dict[str, Any]:
     """What decides an encoder folder's contents (stored, compared on rerun)."""
-    return {"name": enc.name, "checkpoint": enc.checkpoint, "builtin": enc.builtin, "probe": cfg.probe}
+    return {"name": enc.name, "checkpoint": enc.checkpoint, "builtin": enc.builtin, "image_size": enc.image_size,
+            "probe": cfg.probe}
 
 
 def encoder_path(out: Path, enc: EncoderSpec) -> Path:
@@ -147,7 +148,7 @@ def prepare_encoder(cfg: StudyConfig, enc: EncoderSpec, out: Path, device: str) 
             if enc.builtin is not None:
                 path, info["pretrain"] = _make_builtin(enc, tmp / "pretrain", device)
             if cfg.probe["enabled"]:
-                info["probe"] = _probe(cfg, path, tmp / "probe", device, enc.trust)
+                info["probe"] = _probe(cfg, path, tmp / "probe", device, enc.trust, enc.image_size)
             info["seconds"] = round(time.perf_counter() - t0, 2)
             info["done"] = True
             write_text_atomic(tmp / "encoder.json", _dump(info))
@@ -182,8 +183,12 @@ def _make_builtin(enc: EncoderSpec, folder: Path, device: str) -> tuple[Path, di
     return res.encoder_path, {"objective": enc.kind, "epochs": len(losses), "loss_first": losses[0], "loss_last": losses[-1]}
 
 
-def _probe(cfg: StudyConfig, checkpoint: Path, folder: Path, device: str, trust: bool) -> dict[str, Any]:
-    """The probe command's code on ``checkpoint``; writes probe.json/csv; returns the summary."""
+def _probe(cfg: StudyConfig, checkpoint: Path, folder: Path, device: str, trust: bool,
+           size: int | None = None, final: Path | None = None) -> dict[str, Any]:
+    """The probe command's code on ``checkpoint`` (at ``size`` px if given); writes probe.json/csv; the summary.
+
+    ``final`` is where ``checkpoint`` will be once its temporary folder is renamed (recorded).
+    """
     from cka_geo.commands import probe as probe_module
     from cka_geo.commands.probe import _probe as probe_command
     from cka_geo.probing import write_probe
@@ -194,8 +199,10 @@ def _probe(cfg: StudyConfig, checkpoint: Path, folder: Path, device: str, trust:
     probe_module.add_arguments(parser)
     args = parser.parse_args([str(checkpoint)])
     vars(args).update(checkpoint=checkpoint, trust_checkpoint=trust, task=p["task"], batch_size=p["batch_size"],
-                      sublayers=list(p["sublayers"]), pooling="mean", cv_folds=p["cv_folds"])
+                      sublayers=list(p["sublayers"]), pooling="mean", cv_folds=p["cv_folds"], tile_size=size)
     result = probe_command(args, device)
+    if final is not None:
+        result.extra["checkpoint"] = str(final)
     write_probe(result, folder, figure=False)
     return {"best": result.best, "best_metric": result.best_metric, "last": result.last,
             "best_is_intermediate": result.best_is_intermediate}
@@ -207,6 +214,7 @@ def _probe(cfg: StudyConfig, checkpoint: Path, folder: Path, device: str, trust:
 def cell_spec(cfg: StudyConfig, cell: Cell) -> dict[str, Any]:
     """What decides a cell's results (stored in cell.json, compared on rerun)."""
     return {**cell.keys(), "encoder_checkpoint": cell.encoder.checkpoint, "builtin": cell.encoder.builtin,
+            "encoder_image_size": cell.encoder.image_size, "encoder_finetune_lr": cell.encoder.finetune_lr,
             "task_data": cell.task.data, "task_layout": cell.task.layout,
             "train": cfg.train, "compare": cfg.compare, "probe": cfg.probe}
 
@@ -237,6 +245,27 @@ def _datasets(task: TaskSpec, size: int, bands: int, stride: int, checkpoint: Pa
             T.embedded("test", task.task, size, bands, checkpoint=checkpoint))
 
 
+def _encoder_at(enc: EncoderSpec, pre: Path) -> Any:
+    """The encoder of ``pre`` for training, at ``enc.image_size`` when given (pos_embed resampled)."""
+    import warnings
+
+    from cka_geo.checkpoints import build_model, load_checkpoint
+    from cka_geo.compare.inputs import at_size
+    from cka_geo.train.runs import load_encoder
+
+    if enc.image_size is None:
+        return load_encoder(pre, trust=enc.trust)
+    loaded = load_checkpoint(pre, trust=enc.trust)
+    if loaded.family != "timm":
+        raise CheckpointError(f"{pre}: fine-tuning needs a timm-style ViT, found {loaded.family}")
+    with warnings.catch_warnings():  # the resample is recorded in the cell's compare settings
+        warnings.simplefilter("ignore", RuntimeWarning)
+        at_size(loaded, loaded, (enc.image_size, enc.image_size), f"encoders.{enc.name}.image_size")
+    encoder = build_model(loaded)
+    encoder.requires_grad_(True)
+    return encoder.train()
+
+
 def _user_task(task: TaskSpec, pre: Path, trust: bool) -> tuple[Any, Any, Any, Any, Any]:
     """A ``data`` task: encoder adapted to the data (finetune --data's rules), splits, the data."""
     from cka_geo.data.layouts import open_user_data
@@ -265,7 +294,7 @@ def run_cell(cfg: StudyConfig, cell: Cell, out: Path, pre: Path, device: str) ->
     from cka_geo.compare import compare_checkpoints
     from cka_geo.report import write_results
     from cka_geo.train import TrainConfig
-    from cka_geo.train.runs import finetune, load_encoder, load_task_model
+    from cka_geo.train.runs import finetune, load_task_model
     from cka_geo.train.tasks import evaluate
 
     final = out / "cells" / cell.id
@@ -275,15 +304,19 @@ def run_cell(cfg: StudyConfig, cell: Cell, out: Path, pre: Path, device: str) ->
         t = time.perf_counter()
         probes: dict[str, Any] = {"samples": cp["samples"]}
         if cell.task.data is None:
-            encoder = load_encoder(pre, trust=cell.encoder.trust)
-            size, bands = T.square_size(encoder.cfg, pre), int(encoder.cfg.in_chans)
+            encoder = _encoder_at(cell.encoder, pre)
+            size = cell.encoder.image_size or T.square_size(encoder.cfg, pre)
+            bands = int(encoder.cfg.in_chans)
+            # the compare sees what the fine-tune saw: the tiles' size and z-scoring
+            probes.update(image_size=size, normalize="scene")
             train, val, test = _datasets(cell.task, size, bands, tr["stride"] or max(1, size // 2), pre)
             task, outputs, ignore = cell.task.task, train.num_classes or 1, -1
         else:  # a user's dataset: compare on its test split, as the model sees it
             encoder, train, val, test, data = _user_task(cell.task, pre, cell.encoder.trust)
             task, outputs, ignore = data.task, data.num_outputs, data.ignore_index
             probes = {"data": _probe_array(test, tmp / "probes.npy"), "normalize": "none", "samples": None}
-        tcfg = TrainConfig(epochs=tr["epochs"], batch_size=tr["batch_size"], lr=tr["lr"], weight_decay=tr["weight_decay"],
+        lr = cell.encoder.finetune_lr or tr["lr"]
+        tcfg = TrainConfig(epochs=tr["epochs"], batch_size=tr["batch_size"], lr=lr, weight_decay=tr["weight_decay"],
                            warmup_steps=tr["warmup_steps"], seed=cell.seed, progress=False, device=device)
         adaptation, last_k = cell.mode
         res = finetune(encoder, train, tmp / "finetune", tcfg, task=task, num_outputs=outputs, ignore_index=ignore,
@@ -313,7 +346,8 @@ def run_cell(cfg: StudyConfig, cell: Cell, out: Path, pre: Path, device: str) ->
                                 "train_samples": len(res.train_indices), "summary": r["summary"]}
         if cfg.probe["enabled"]:
             t = time.perf_counter()
-            info["probe"] = _probe(cfg, res.ft_path, tmp / "probe", device, False)
+            info["probe"] = _probe(cfg, res.ft_path, tmp / "probe", device, False, cell.encoder.image_size,
+                                   final / Path(res.ft_path).relative_to(tmp))
             times["probe_s"] = time.perf_counter() - t
         info["timings_s"] = {k: round(v, 2) for k, v in times.items()}
         info["device"] = device
