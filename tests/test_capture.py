@@ -476,3 +476,35 @@ def test_pool_tokens_against_numpy(b, t, d, p, seed):
             np.testing.assert_array_equal(tok[i * (t - p) + j].double().numpy(), x16[i, p + j])
     if p:
         np.testing.assert_array_equal(pool_tokens(xt, "cls", p).double().numpy(), x16[:, 0])
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "tokens", "flatten"])
+def test_features_of_one_width_come_in_one_buffer_with_the_values_of_separate_pooling(pooling):
+    """From the second pass on, each width's layers are consecutive slices of one buffer (no
+    stacking copy in the engine), bit-identical to pooling each layer alone, never overwritten."""
+    from cka_geo.functional.batched import as_stack
+
+    model = make_vit()
+    names = [f"blocks.{i}.{k}" for i in range(DEPTH) for k in ("attn", "mlp.fc1", "mlp.fc2", "block")]
+    names = [n.replace(".block", "") for n in names]
+    x1, x2 = images(4, 1), images(3, 2)
+    with capture(model, names, pooling=pooling) as cap:
+        first = forward_batch(model, x1, cap).features
+        second = forward_batch(model, x2, cap).features
+        third = forward_batch(model, x1, cap).features
+    with capture(model, names, pooling=pooling) as cap:  # reference: a fresh capture's first pass
+        ref1 = forward_batch(model, x1, cap).features
+    with capture(model, names, pooling=pooling) as cap:
+        ref2 = forward_batch(model, x2, cap).features
+    for got, ref in ((first, ref1), (second, ref2), (third, ref1)):
+        assert list(got) == names
+        for n in names:
+            assert torch.equal(got[n], ref[n]), n
+    for feats in (second, third):  # another batch size (3) too
+        by_width: dict[int, list[torch.Tensor]] = {}
+        for n in names:
+            by_width.setdefault(feats[n].shape[1], []).append(feats[n])
+        assert len(by_width) == 2
+        assert all(as_stack(group) is not None for group in by_width.values())
+    assert as_stack([first[n] for n in names if n.endswith("fc2")]) is None  # the first pass learns the widths
+    assert first[names[0]].data_ptr() != third[names[0]].data_ptr()  # each pass its own buffers

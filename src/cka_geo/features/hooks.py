@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cka_geo.errors import DataError, FeatureError, UsageError
-from cka_geo.features.pool import _as_tokens, pool_tokens
+from cka_geo.features.pool import _as_tokens, pool_tokens, pooled_shape
 from cka_geo.features.select import resolve_sublayers, sublayer_map
 from cka_geo.sublayers import (
     POOLINGS,
@@ -28,6 +28,45 @@ _APPLYING = threading.local()
 
 def _applying() -> bool:
     return getattr(_APPLYING, "depth", 0) > 0
+
+
+class _Slots:
+    """Per-width buffers of one forward pass, so that features need no stacking copy.
+
+    The layers of one feature width are pooled straight into consecutive slices of one
+    (count, rows, width) float32 buffer, in the capture's name order, which is the layout the
+    CKA engine reads without a copy (:func:`cka_geo.functional.batched.as_stack`). The
+    widths are learned from the previous pass (the first pass pools into separate tensors);
+    a layer whose shape differs from what was learned gets a tensor of its own. Each pass
+    gets new buffers, so features handed out are never overwritten.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.groups: dict[str, tuple[int, int, int]] = {}  # name -> (index, count, width)
+        self.buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def slot(self, name: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor | None:
+        """The slice ``name`` pools into in this pass, or None (a tensor of its own)."""
+        group = self.groups.get(name)
+        if group is None or group[2] != shape[1] or shape[0] == 0:
+            return None
+        index, count, width = group
+        key = (width, shape[0], device)
+        buf = self.buffers.get(key)
+        if buf is None:
+            buf = self.buffers[key] = torch.empty((count, shape[0], width), dtype=torch.float32, device=device)
+        return buf[index]
+
+    def learn(self, feats: Mapping[str, torch.Tensor]) -> None:
+        """Take the widths of this pass's features for the next pass; forget this pass's buffers."""
+        self.buffers = {}
+        members: dict[int, list[str]] = {}
+        for name in self.names:
+            f = feats.get(name)
+            if f is not None and f.ndim == 2:
+                members.setdefault(int(f.shape[1]), []).append(name)
+        self.groups = {n: (i, len(group), w) for w, group in members.items() for i, n in enumerate(group)}
 
 
 class Capture:
@@ -62,6 +101,8 @@ class Capture:
         self._out_count: dict[str, int] = {}
         self._app: dict[str, torch.Tensor] = {}
         self._app_count: dict[str, int] = {}
+        self._slots = _Slots(self.names)
+        self._app_slots = _Slots(self.applied_names)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -74,8 +115,10 @@ class Capture:
             "module_paths": [self.module_paths[n] for n in self.names],
         }
 
-    def _pool(self, out: Any, name: str) -> torch.Tensor:
-        return pool_tokens(_as_tokens(out, name, self.batch_first), self.pooling, self.num_prefix_tokens)
+    def _pool(self, out: Any, name: str, slots: _Slots) -> torch.Tensor:
+        x = _as_tokens(out, name, self.batch_first)
+        slot = slots.slot(name, pooled_shape(tuple(x.shape), self.pooling, self.num_prefix_tokens), x.device)
+        return pool_tokens(x, self.pooling, self.num_prefix_tokens, out=slot)
 
     def _hook(self, name: str) -> Callable[..., None]:
         fn = self._apply.get(name)
@@ -87,7 +130,7 @@ class Capture:
             self._out_count[name] = count + 1
             if count:
                 return  # reported by pop(): fired twice in one forward
-            self._out[name] = self._pool(output, name)
+            self._out[name] = self._pool(output, name, self._slots)
             if fn is None:
                 return
             _APPLYING.depth = getattr(_APPLYING, "depth", 0) + 1
@@ -96,12 +139,12 @@ class Capture:
             finally:
                 _APPLYING.depth -= 1
             self._app_count[name] = self._app_count.get(name, 0) + 1
-            self._app[name] = self._pool(other, name)
+            self._app[name] = self._pool(other, name, self._app_slots)
 
         return hook
 
     def _take(
-        self, names: list[str], store: dict[str, torch.Tensor], counts: dict[str, int], what: str
+        self, names: list[str], store: dict[str, torch.Tensor], counts: dict[str, int], what: str, slots: _Slots
     ) -> dict[str, torch.Tensor]:
         try:
             if not counts:
@@ -119,6 +162,7 @@ class Capture:
                     )
             return {name: store[name] for name in names}
         finally:
+            slots.learn(store)
             store.clear()
             counts.clear()
 
@@ -129,7 +173,7 @@ class Capture:
             FeatureError: A hooked module did not fire, or fired more than once, since the
                 last pop (the message names it).
         """
-        return self._take(self.names, self._out, self._out_count, "features")
+        return self._take(self.names, self._out, self._out_count, "features", self._slots)
 
     def pop_applied(self) -> dict[str, torch.Tensor]:
         """Pooled outputs of the ``apply`` callables for the last forward pass; then clear.
@@ -142,7 +186,7 @@ class Capture:
         """
         if not self._apply:
             raise FeatureError("pop_applied: capture() was given no apply callables")
-        return self._take(self.applied_names, self._app, self._app_count, "applied features")
+        return self._take(self.applied_names, self._app, self._app_count, "applied features", self._app_slots)
 
 
 @contextmanager
