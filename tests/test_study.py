@@ -405,3 +405,17 @@ def test_kind_change_and_share_intervals_recomputed_from_the_cells_table(study):
         ci = stats.binomtest(k, n).proportion_ci(0.95, method="wilson")
         assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
     assert all(math.isnan(v) for v in wilson_interval(0, 0))
+
+
+def test_report_quotes_the_tables(study):
+    tables = json.loads((study / "aggregate" / "tables.json").read_text())
+    report = (study / "aggregate" / "report.md").read_text()
+    overall = next(r for r in tables["fc1_share"] if (r["view"], r["encoder"], r["adaptation"]) == ("own", "mae", "full"))
+    assert f"{overall['most_fc1']}/{overall['counted']} = " in report
+    fc1 = next(r for r in tables["kind_change"]
+               if (r["view"], r["encoder"], r["adaptation"], r["kind"]) == ("same", "mae", "last-1", "fc1"))
+    assert f"{fc1['change']:.4f} [{fc1['ci_lo']:.4f}, {fc1['ci_hi']:.4f}]" in report
+    rank = tables["rankings"][0]
+    assert f"{rank['mean']:.3f} ± {rank['sd']:.3f} (#{rank['rank']})" in report
+    adapt = [r for r in tables["localisation"] if r["level"] == "adaptation"]
+    assert {r["adaptation"] for r in adapt} == {"full", "last-1"}

@@ -27,6 +27,7 @@ and a test can recompute them independently. Written into ``OUT/aggregate/`` as 
   cell's most changed kind is the kind (attn, fc1, act, fc2; block outputs excluded) with the
   largest mean 1 − CKA over blocks; cells in which nothing changed beyond the numerical noise
   (a frozen encoder) are left out of the count.
+* ``report.md``: the headline tables as Markdown (:mod:`cka_geo.study.report`).
 * ``summary.json``: rankings, tau, fc1 shares and probing summaries as JSON; ``tables.json``:
   every table above as JSON lists of rows (NaN as null), what the figures and the notebook
   read; ``figures/`` (:mod:`cka_geo.study.figures`).
@@ -192,30 +193,38 @@ def rankings(table: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[di
 
 
 def localisation(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """1 − CKA per kind and block with t-intervals over seeds, by setting and encoder, and by encoder."""
+    """1 − CKA per kind and block with t-intervals over seeds: by setting, by adaptation, by encoder.
+
+    Levels: ``setting`` (one encoder and setting, over its seeds), ``adaptation`` (each
+    seed's mean over the encoder's cells of one adaptation mode, then over seeds) and
+    ``encoder`` (each seed's mean over all the encoder's cells, then over seeds).
+    """
     rows = []
     for view in VIEWS:
-        per_setting: dict[tuple[str, str], dict[tuple[str, int], list[float]]] = defaultdict(lambda: defaultdict(list))
-        per_seed: dict[tuple[str, int], dict[tuple[str, int], list[float]]] = defaultdict(lambda: defaultdict(list))
+        per_setting: dict[tuple[str, str, str], dict[tuple[str, int], list[float]]] = defaultdict(
+            lambda: defaultdict(list))
+        per_seed: dict[tuple[str, str, int], dict[tuple[str, int], list[float]]] = defaultdict(lambda: defaultdict(list))
         for c in cells:
             k = c["keys"]
             for point, v in change_profile(c["results"], view).items():
-                per_setting[(k["encoder"], k["setting"])][point].append(v)
-                per_seed[(k["encoder"], k["seed"])][point].append(v)
-        for (enc, setting), points in per_setting.items():
+                per_setting[(k["encoder"], k["setting"], k["adaptation"])][point].append(v)
+                for adapt in (k["adaptation"], None):
+                    per_seed[(k["encoder"], adapt or "", k["seed"])][point].append(v)
+        for (enc, setting, adapt), points in per_setting.items():
             for (kind, block), vals in sorted(points.items(), key=lambda kv: (kv[0][1], kv[0][0])):
                 m, lo, hi = t_interval(vals)
-                rows.append({"level": "setting", "encoder": enc, "setting": setting, "view": view, "kind": kind,
-                             "block": block, "n_seeds": len(vals), "change": m, "ci_lo": lo, "ci_hi": hi})
-        by_enc: dict[str, dict[tuple[str, int], list[float]]] = defaultdict(lambda: defaultdict(list))
-        for (enc, _seed), points in per_seed.items():
+                rows.append({"level": "setting", "encoder": enc, "setting": setting, "adaptation": adapt, "view": view,
+                             "kind": kind, "block": block, "n_seeds": len(vals), "change": m, "ci_lo": lo, "ci_hi": hi})
+        over: dict[tuple[str, str], dict[tuple[str, int], list[float]]] = defaultdict(lambda: defaultdict(list))
+        for (enc, adapt, _seed), points in per_seed.items():
             for point, vals in points.items():
-                by_enc[enc][point].append(_mean(vals))
-        for enc, points in by_enc.items():
+                over[(enc, adapt)][point].append(_mean(vals))
+        for (enc, adapt), points in sorted(over.items(), key=lambda kv: kv[0][1] == ""):
             for (kind, block), vals in sorted(points.items(), key=lambda kv: (kv[0][1], kv[0][0])):
                 m, lo, hi = t_interval(vals)
-                rows.append({"level": "encoder", "encoder": enc, "setting": "all", "view": view, "kind": kind,
-                             "block": block, "n_seeds": len(vals), "change": m, "ci_lo": lo, "ci_hi": hi})
+                rows.append({"level": "adaptation" if adapt else "encoder", "encoder": enc, "setting": "all",
+                             "adaptation": adapt or "all", "view": view, "kind": kind, "block": block,
+                             "n_seeds": len(vals), "change": m, "ci_lo": lo, "ci_hi": hi})
     return rows
 
 
@@ -351,6 +360,9 @@ def aggregate(cfg: StudyConfig, out: str | Path, *, figures: bool = True) -> Pat
         tables = {"cells": table, "rankings": ranks, "kendall": taus, "localisation": loc, "fc1_share": share,
                   "kind_change": kinds, "probing": profiles, "probing_summary": psummary}
         write_text_atomic(tmp / "tables.json", json.dumps(_finite(tables), allow_nan=False) + "\n")
+        from cka_geo.study.report import markdown
+
+        write_text_atomic(tmp / "report.md", markdown(json.loads(json.dumps(_finite(tables))), cfg.name))
         if figures:
             from cka_geo.study.figures import draw_all
 

@@ -96,16 +96,18 @@ def _localisation(new: Any, loc: list[dict[str, Any]]) -> Any:
 
     from cka_geo.plotting import TYPE_COLORS, TYPE_LABELS
 
-    rows = [r for r in loc if r["level"] == "encoder"]
-    encs = _encoders(rows)
-    fig = new((9.0, 2.8 * len(encs)), 100)
-    axes = fig.subplots(len(encs), 2, squeeze=False, sharex=True)
-    for i, enc in enumerate(encs):
+    # a row per encoder and adaptation mode where the study has several modes, else per encoder
+    level = "adaptation" if len({r.get("adaptation") for r in loc if r["level"] == "adaptation"}) > 1 else "encoder"
+    rows = [r for r in loc if r["level"] == level]
+    panels = list(dict.fromkeys((r["encoder"], r.get("adaptation", "all")) for r in rows))
+    fig = new((9.0, 2.6 * len(panels)), 100)
+    axes = fig.subplots(len(panels), 2, squeeze=False, sharex=True)
+    for i, (enc, adapt) in enumerate(panels):
         for j, view in enumerate(("same", "own")):
             ax = axes[i][j]
             by: dict[str, list[dict[str, Any]]] = defaultdict(list)
             for r in rows:
-                if r["encoder"] == enc and r["view"] == view:
+                if r["encoder"] == enc and r.get("adaptation", "all") == adapt and r["view"] == view:
                     by[r["kind"]].append(r)
             for kind, pts in by.items():
                 pts.sort(key=lambda r: r["block"])
@@ -117,11 +119,11 @@ def _localisation(new: Any, loc: list[dict[str, Any]]) -> Any:
                     ax.fill_between([p["block"] for p in band], [max(p["ci_lo"], 0.0) for p in band],
                                     [p["ci_hi"] for p in band], color=color, alpha=0.15, lw=0)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_title(f"{enc}: {_VIEW_TITLES[view]}", fontsize=8)
+            ax.set_title(f"{enc}" + (f" ({adapt})" if adapt != "all" else "") + f": {_VIEW_TITLES[view]}", fontsize=8)
             ax.grid(alpha=0.3)
             if j == 0:
                 ax.set_ylabel("1 − CKA (mean over seeds)")
-            if i == len(encs) - 1:
+            if i == len(panels) - 1:
                 ax.set_xlabel("block")
     axes[0][0].legend(fontsize=7)
     fig.suptitle("where fine-tuning changed each encoder (95 % t-interval over seeds shaded)", fontsize=9)
@@ -157,25 +159,39 @@ def _share(new: Any, share: list[dict[str, Any]]) -> Any:
     from cka_geo.plotting import TYPE_COLORS, TYPE_LABELS
     from cka_geo.study.aggregate import CHANGE_KINDS
 
-    rows = {r["view"]: r for r in share if r["encoder"] == "all"}
-    fig = new((5.0, 3.0), 100)
-    ax = fig.subplots()
-    kinds = [k for k in CHANGE_KINDS if any(r.get(f"most_{k}") for r in rows.values())] or ["fc1"]
-    for j, view in enumerate(("same", "own")):
-        r = rows.get(view)
-        if r is None:
-            continue
-        n = r["counted"] or 1
-        for i, kind in enumerate(kinds):
-            ax.bar(j + (i - (len(kinds) - 1) / 2) * 0.2, r[f"most_{kind}"] / n, width=0.18,
-                   color=TYPE_COLORS.get(kind, "grey"), label=TYPE_LABELS.get(kind, kind) if j == 0 else None)
-    ax.set_xticks([0, 1])
-    ax.set_xticklabels([f"same-layer ({rows['same']['counted'] if 'same' in rows else 0} cells)",
-                        f"own change ({rows['own']['counted'] if 'own' in rows else 0} cells)"])
-    ax.set_ylabel("share of cells where the kind is most changed")
+    # groups: every cell, then each encoder x adaptation mode; a panel per view
+    groups = list(dict.fromkeys((r["encoder"], r.get("adaptation", "all")) for r in share
+                                if (r["encoder"] == "all") == (r.get("adaptation", "all") == "all")))
+    groups = [g for g in groups if g[0] == "all" or g[1] != "all"] or [("all", "all")]
+    rows = {(r["view"], r["encoder"], r.get("adaptation", "all")): r for r in share}
+    kinds = [k for k in CHANGE_KINDS if k == "fc1" or any(r.get(f"most_{k}") for r in rows.values())]  # fc1 always
+    fig = new((max(5.0, 1.2 + 0.9 * len(groups)) * 2, 3.2), 100)
+    axes = fig.subplots(1, 2, squeeze=False, sharey=True)[0]
+    for ax, view in zip(axes, ("same", "own"), strict=True):
+        labels = []
+        for j, g in enumerate(groups):
+            r = rows.get((view, *g))
+            if r is None or not r["counted"]:
+                labels.append(f"{g[0]}\n(no change)")
+                continue
+            n = r["counted"]
+            for i, kind in enumerate(kinds):
+                x = j + (i - (len(kinds) - 1) / 2) * 0.2
+                ax.bar(x, r[f"most_{kind}"] / n, width=0.18, color=TYPE_COLORS.get(kind, "grey"),
+                       label=TYPE_LABELS.get(kind, kind) if j == 0 else None)
+                if kind == "fc1" and _finite(r.get("share_lo")):
+                    ax.errorbar([x], [r["fc1_share"]], yerr=[[r["fc1_share"] - r["share_lo"]],
+                                                              [r["share_hi"] - r["fc1_share"]]],
+                                fmt="none", ecolor="black", capsize=2, lw=0.8)
+            labels.append(("all cells" if g[0] == "all" else f"{g[0]}\n{g[1]}") + f"\n({n})")
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_title(_VIEW_TITLES[view], fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    ax = axes[0]
+    ax.set_ylabel("share of cells where the kind is most changed\n(fc1: 95 % Wilson interval)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, axis="y")
     return fig
 
 
