@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -111,7 +113,13 @@ def test_frobenius_chunks_equal_float64_products(monkeypatch, n, terms):
     assert ((got - want).abs() / scale).max().item() < 1e-6
 
 
-def test_one_thread_restores_the_thread_count_even_after_an_error():
+@pytest.fixture
+def busy(monkeypatch):
+    """The machine taken as oversubscribed: one_thread() goes to one thread."""
+    monkeypatch.setattr(batched, "oversubscribed", lambda: True)
+
+
+def test_one_thread_restores_the_thread_count_even_after_an_error(busy):
     before = torch.get_num_threads()
     with pytest.raises(RuntimeError, match="boom"), one_thread():
         assert torch.get_num_threads() == 1
@@ -134,3 +142,42 @@ def test_rbf_median_is_the_median_of_the_distinct_pairs_with_ties(n, seed, level
         assert got == pytest.approx(want, rel=1e-12, nan_ok=True)
     stack = torch.from_numpy(np.stack([d, 2 * d]))  # batched: per matrix
     np.testing.assert_allclose(rbf_sigma(stack, frac).numpy(), [want, want * np.sqrt(2)], rtol=1e-12)
+
+
+@pytest.mark.parametrize(("running", "busy"), [(1, False), (os.cpu_count() or 1, False), ((os.cpu_count() or 1) + 1, True)])
+def test_oversubscribed_reads_the_run_queue_and_a_missing_file_means_busy(tmp_path, monkeypatch, running, busy):
+    f = tmp_path / "loadavg"
+    f.write_text(f"2.10 2.05 1.90 {running}/345 6789\n")
+    monkeypatch.setattr(batched, "_LOADAVG", str(f))
+    monkeypatch.setitem(batched._state, "checked", -1.0)
+    assert batched.oversubscribed() is busy
+    f.write_text("0.00 0.00 0.00 1/1 1\n")  # cached: the next look is 0.25 s later
+    assert batched.oversubscribed() is busy
+    monkeypatch.setitem(batched._state, "checked", -1.0)
+    monkeypatch.setattr(batched, "_LOADAVG", str(tmp_path / "absent"))
+    assert batched.oversubscribed() is True
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+@pytest.mark.parametrize(("n", "width", "offset"), [(5, 7, 0.0), (64, 384, 10.0), (300, 96, 0.0), (130, 1536, 3.0)])
+def test_the_thread_count_of_the_memory_bound_steps_changes_no_bit(monkeypatch, kernel, n, width, offset):
+    """Quiet (torch's threads in every step) and oversubscribed (one thread) give the same bits."""
+    from cka_geo.accumulator import MinibatchCKA
+
+    g = torch.Generator().manual_seed(n)
+    feats = [({f"a{i}": torch.randn(n, width, generator=g) for i in range(6)},
+              {f"b{i}": torch.randn(n, width, generator=g) + offset for i in range(5)}) for _ in range(2)]
+    threads = torch.get_num_threads()
+    sums = []
+    try:
+        for quiet, count in ((False, 1), (True, max(2, threads))):
+            torch.set_num_threads(count)
+            monkeypatch.setattr(batched, "oversubscribed", lambda q=quiet: not q)
+            acc = MinibatchCKA(kernel=kernel, keep_batches=False)
+            for fa, fb in feats:
+                acc.update(fa, fb)
+            sums.append((acc._cross.clone(), acc._self_a.clone(), acc._self_b.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    for x, y in zip(*sums, strict=True):
+        assert torch.equal(x, y)

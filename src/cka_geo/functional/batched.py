@@ -29,6 +29,8 @@ Raghu & Kornblith (2021) are then formed and added in float64.
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,18 +81,46 @@ def as_stack(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return first.as_strided((len(tensors), n, p), (step, p, 1))
 
 
+_LOADAVG = "/proc/loadavg"
+_CHECK_EVERY = 0.25  # seconds between two looks at the run queue
+_state = {"checked": -1.0, "busy": True}
+
+
+def oversubscribed() -> bool:
+    """Whether more threads are runnable than the machine has cores, right now (cached 0.25 s).
+
+    Read from the run-queue count of Linux's ``/proc/loadavg`` (its fourth field, "running/
+    total", counts this thread and any spinning worker of ours). Where it cannot be read, the
+    machine is taken as busy (the safe choice: one thread).
+    """
+    now = time.monotonic()
+    if now - _state["checked"] < _CHECK_EVERY:
+        return bool(_state["busy"])
+    try:
+        with open(_LOADAVG, "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])
+        busy = running > (os.cpu_count() or 1)
+    except (OSError, ValueError, IndexError):
+        busy = True
+    _state.update(checked=now, busy=busy)
+    return busy
+
+
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
-    """Run the block's CPU tensor operations on one thread (restored after).
+    """Run the block's memory-bound CPU steps on one thread when the machine is oversubscribed.
 
-    For the memory-bound steps (copies, centering, sums over grams): two threads gain
-    little on them, while under a competing load each of their parallel regions waits at its
-    barrier for a descheduled thread (measured: a centering pass 1.6 ms on one thread,
-    28 ms on two, with the machine's two cores oversubscribed). The matmuls keep torch's
-    thread setting. No effect on CUDA tensors.
+    For copies, centering and sums over grams: with another process competing for the cores,
+    each of their parallel regions waits at its barrier for a descheduled thread (measured:
+    a centering pass 1.6 ms on one thread, 28 ms on two, with the machine's two cores
+    oversubscribed), so there they run on one thread; on a quiet machine (see
+    :func:`oversubscribed`) they keep torch's threads, which halves them on two cores. Every
+    step inside is elementwise, a reduction along a dimension with many outputs, or a
+    batched matmul split over its batch and columns, so the thread count changes no bit of
+    the result. The matmuls of the grams keep torch's setting. No effect on CUDA tensors.
     """
     threads = torch.get_num_threads()
-    if threads == 1:
+    if threads == 1 or not oversubscribed():
         yield
         return
     torch.set_num_threads(1)
@@ -227,4 +257,5 @@ def frobenius(ka: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = ["FROB_TERMS", "GramWork", "as_stack", "fast_linear_grams", "frobenius", "one_thread", "scaled_stack"]
+__all__ = ["FROB_TERMS", "GramWork", "as_stack", "fast_linear_grams", "frobenius", "one_thread", "oversubscribed",
+           "scaled_stack"]
