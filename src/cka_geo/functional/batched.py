@@ -207,7 +207,10 @@ def fast_linear_grams(
         if not bool(direct.all()):  # x − 0 is x exactly: the direct layers keep their own values
             x = torch.sub(raw, mu * direct.logical_not().to(raw.dtype)[:, None, None],
                           out=raw if copied else work.buffer(tensors[0], count))
-    torch.bmm(x, x.transpose(1, 2), out=out)
+    # A small product is bound by its parallel region's barrier, not its work: one thread then
+    # (when the machine is oversubscribed, see one_thread), as for the cross products.
+    with one_thread() if count * n * n * x.shape[-1] < _SMALL_PRODUCT else contextlib.nullcontext():
+        torch.bmm(x, x.transpose(1, 2), out=out)
     with one_thread():
         diag = out.diagonal(dim1=-2, dim2=-1)
         sq = diag.sum(-1, dtype=torch.float64)
