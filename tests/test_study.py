@@ -355,7 +355,8 @@ def test_a_checkpoint_encoder_at_another_image_size_with_its_own_lr(tmp_path):
     cfg.write_text(MINI.replace('checkpoint = "builtin:random"\ndepth = 1\nembed_dim = 16\npatch_size = 8',
                                 'checkpoint = "rgb.pt"\nimage_size = 32\nfinetune_lr = 0.003')
                        .replace("seeds = [0, 1]", "seeds = [0]").replace('"full", "frozen"', '"full"')
-                       .replace("enabled = false", "enabled = true\ncv_folds = 2"))
+                       .replace("enabled = false", "enabled = true\ncv_folds = 2")
+                       .replace("epochs = 1", "epochs = 1\nwarmup_steps = 1"))
     out = tmp_path / "o"
     assert main(["study", str(cfg), "--out", str(out), "--threads", "1", "--device", "cpu", "--no-figures"]) == 0
     (cell,) = (out / "cells").iterdir()
@@ -368,8 +369,9 @@ def test_a_checkpoint_encoder_at_another_image_size_with_its_own_lr(tmp_path):
     assert probe["extra"]["checkpoint"] == str(cell / "finetune" / "ft.pt")  # where it is, not the temporary
     enc_probe = json.loads((out / "encoders" / "r" / "probe" / "probe.json").read_text())
     assert enc_probe["extra"]["tile_size"] == 32
-    last = torch.load(cell / "finetune" / "checkpoints" / "last.pt", weights_only=False, map_location="cpu")
-    assert last["config"]["train"]["lr"] == pytest.approx(0.003)
+    steps = json.loads((cell / "finetune" / "metrics.json").read_text())["steps"]
+    assert max(st["lr"] for st in steps) == pytest.approx(0.003)  # the peak of warmup and schedule: finetune_lr
+    assert not (cell / "finetune" / "checkpoints").exists()  # a finished cell keeps pre.pt and ft.pt only
     bad = tmp_path / "bad.toml"
     for edit, named in (("image_size = 32", "image_size = 200"), ("finetune_lr = 0.003", "finetune_lr = -1")):
         bad.write_text(cfg.read_text().replace(edit, named))
@@ -405,6 +407,14 @@ def test_kind_change_and_share_intervals_recomputed_from_the_cells_table(study):
         ci = stats.binomtest(k, n).proportion_ci(0.95, method="wilson")
         assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
     assert all(math.isnan(v) for v in wilson_interval(0, 0))
+
+
+def test_builtin_encoders_and_cells_keep_their_models_not_their_training_checkpoints(study):
+    assert (study / "encoders" / "mae" / "pretrain" / "pretrained.pt").is_file()
+    assert not (study / "encoders" / "mae" / "pretrain" / "checkpoints").exists()
+    for cell in expand(load_config(EXAMPLE)):
+        folder = study / "cells" / cell.id / "finetune"
+        assert (folder / "ft.pt").is_file() and not (folder / "checkpoints").exists()
 
 
 def test_report_quotes_the_tables(study):

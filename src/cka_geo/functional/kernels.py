@@ -93,18 +93,22 @@ def rbf_sigma(sq_dist: torch.Tensor, frac: float = DEFAULT_RBF_FRAC) -> torch.Te
     Returns:
         sigma, shape (…).
     """
-    # The median over the n(n-1)/2 pairs i < j, from two selections on their float64 copy,
-    # multi-threaded: measured on a quiet 2-core machine (benchmarks/bench_cka.py, 36 layers,
-    # batches of 256) this is 1.9x faster than one single-threaded selection over all n^2
-    # entries; under a competing load the single-threaded one wins (issue 15).
+    # The median over the n(n-1)/2 pairs i < j from one selection, multi-threaded over the
+    # layers, in the distances' own dtype (order statistics are exact in any dtype): for an even
+    # count the upper middle value is the lower one when it repeats, else the least value above
+    # it (two elementwise passes instead of a second selection). The average is float64.
     n = sq_dist.shape[-1]
     iu = torch.triu_indices(n, n, offset=1, device=sq_dist.device)
-    pairs = sq_dist[..., iu[0], iu[1]].to(torch.float64)
+    pairs = sq_dist[..., iu[0], iu[1]]
     m = pairs.shape[-1]
-    med = torch.kthvalue(pairs, (m + 1) // 2, dim=-1).values
+    lo = torch.kthvalue(pairs, (m + 1) // 2, dim=-1).values
+    med = lo.to(torch.float64)
     if m % 2 == 0:
-        med = (med + torch.kthvalue(pairs, m // 2 + 1, dim=-1).values) / 2
-    med = torch.where(med > 0, med, pairs.mean(-1))
+        ties = (pairs <= lo[..., None]).sum(-1)
+        above = torch.where(pairs > lo[..., None], pairs, torch.full_like(pairs, float("inf"))).amin(-1)
+        hi = torch.where(ties >= m // 2 + 1, lo, above)
+        med = (med + hi.to(torch.float64)) / 2
+    med = torch.where(med > 0, med, pairs.mean(-1, dtype=torch.float64))
     med = torch.where(med > 0, med, torch.full_like(med, float("nan")))
     return frac * med.sqrt()
 

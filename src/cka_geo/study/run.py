@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -175,8 +176,9 @@ def _make_builtin(enc: EncoderSpec, folder: Path, device: str) -> tuple[Path, di
     data = T.embedded("train", "segmentation", b["img_size"], b["bands"], stride=b["stride"] or max(1, b["img_size"] // 2))
     kwargs = ({"mask_ratio": 0.75, "decoder_dim": 64, "decoder_depth": 1} if enc.kind == "mae" else {"temperature": 0.2})
     tcfg = TrainConfig(epochs=b["epochs"], batch_size=b["batch_size"], lr=b["lr"], warmup_steps=20, seed=b["seed"],
-                       progress=False, device=device)
+                       progress=False, device=device, keep_checkpoints=1)
     res = pretrain(encoder, data, folder, tcfg, objective=str(enc.kind), objective_kwargs=kwargs)
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the encoder file is what the study needs
     if res.encoder_path is None:  # pragma: no cover - all epochs always run here
         raise CkaGeoError(f"{folder}: pretraining wrote no encoder")
     losses = [r["train_loss"] for r in res.train.history["epochs"]]
@@ -317,7 +319,8 @@ def run_cell(cfg: StudyConfig, cell: Cell, out: Path, pre: Path, device: str) ->
             probes = {"data": _probe_array(test, tmp / "probes.npy"), "normalize": "none", "samples": None}
         lr = cell.encoder.finetune_lr or tr["lr"]
         tcfg = TrainConfig(epochs=tr["epochs"], batch_size=tr["batch_size"], lr=lr, weight_decay=tr["weight_decay"],
-                           warmup_steps=tr["warmup_steps"], seed=cell.seed, progress=False, device=device)
+                           warmup_steps=tr["warmup_steps"], seed=cell.seed, progress=False, device=device,
+                           keep_checkpoints=1)
         adaptation, last_k = cell.mode
         res = finetune(encoder, train, tmp / "finetune", tcfg, task=task, num_outputs=outputs, ignore_index=ignore,
                        decoder=cell.decoder, decoder_channels=tr["decoder_channels"], adaptation=adaptation,
@@ -326,6 +329,9 @@ def run_cell(cfg: StudyConfig, cell: Cell, out: Path, pre: Path, device: str) ->
         times["finetune_s"] = time.perf_counter() - t
         if res.ft_path is None:  # pragma: no cover - all epochs always run here
             raise CkaGeoError(f"{final}: fine-tuning stopped early")
+        # A finished cell keeps pre.pt and ft.pt, not the training checkpoints (model and
+        # optimizer: 267 MB per epoch for a ViT-S/14), which only a resume of the run needs.
+        shutil.rmtree(tmp / "finetune" / "checkpoints", ignore_errors=True)
         t = time.perf_counter()
         model = load_task_model(res.ft_path)  # the evaluate command's path: the model as saved
         metrics = evaluate(model, test, tr["batch_size"])
