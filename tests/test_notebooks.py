@@ -11,7 +11,7 @@ import pytest
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 KERNEL = "cka-geo-test"
 CELL_TIMEOUT = 120  # seconds per cell
-SLOW_CELLS = {"study.ipynb": 300}  # runs the tiny example study (16 cells) when no study folder is given
+SLOW_CELLS = {"study.ipynb": 300}  # CKA_GEO_STUDY_DIR=tiny runs the tiny example study (16 cells)
 IMAGES = {  # inline figures each notebook must show
     "heatmaps.ipynb": 6,  # three figures from the dict, three from results.json
     "study.ipynb": 4,  # metrics, localisation, probing, fc1 share

@@ -364,7 +364,13 @@ def build_model(
         config = dataclasses.replace(config, num_classes=classes)
         if classes:
             sd.update(loaded.head)
-    model = instantiate(loaded.family, config, "cpu")
+    model = instantiate(loaded.family, config, "meta")
+    if set(model.state_dict()) == {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}:
+        # every tensor is in the state dict, which fills them all: no random init to throw away
+        # (a second or more for a ViT-S on a CPU)
+        model = model.to_empty(device="cpu")
+    else:  # a non-persistent buffer is made by the constructor: build it for real
+        model = instantiate(loaded.family, config, "cpu")
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:

@@ -221,6 +221,6 @@ class DofaVisionTransformer(VisionTransformer):
         super().__init__(cfg)
         self.patch_embed = DynamicPatchEmbed(cfg)
         for m in self.patch_embed.modules():
-            if isinstance(m, nn.Linear):  # DOFA's init: Xavier uniform, bias 0.01
+            if isinstance(m, nn.Linear) and not m.weight.is_meta:  # DOFA's init: Xavier uniform, bias 0.01
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.constant_(m.bias, 0.01)

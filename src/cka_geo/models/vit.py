@@ -282,7 +282,13 @@ class VisionTransformer(nn.Module):
         return names
 
     def init_weights(self) -> None:
-        """timm-style init: truncated normal (std 0.02) for linears and embeddings."""
+        """timm-style init: truncated normal (std 0.02) for linears and embeddings.
+
+        Nothing to do on the ``meta`` device (no values), where torch's random fills would
+        import ``torch._dynamo`` (seconds, once per process) for tensors that get none.
+        """
+        if self.pos_embed.is_meta:
+            return
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for token in (self.cls_token, self.dist_token, self.reg_token):
             if token is not None:
