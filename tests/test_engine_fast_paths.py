@@ -159,14 +159,18 @@ def test_oversubscribed_reads_the_run_queue_and_a_missing_file_means_busy(tmp_pa
 
 
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
-@pytest.mark.parametrize(("n", "width", "offset"), [(5, 7, 0.0), (64, 384, 10.0), (300, 96, 0.0), (130, 1536, 3.0)])
-def test_the_thread_count_of_the_memory_bound_steps_changes_no_bit(monkeypatch, kernel, n, width, offset):
+@pytest.mark.parametrize(("n", "width", "offset", "layers"), [
+    (5, 7, 0.0, 6), (64, 384, 10.0, 6), (300, 96, 0.0, 6), (130, 1536, 3.0, 6),
+    (256, 96, 3.0, 1), (256, 96, 0.0, 2), (64, 384, 10.0, 1),  # one layer: reductions to one value
+])
+def test_the_thread_count_of_the_memory_bound_steps_changes_no_bit(monkeypatch, kernel, n, width, offset, layers):
     """Quiet (torch's threads in every step) and oversubscribed (one thread) give the same bits."""
     from cka_geo.accumulator import MinibatchCKA
 
     g = torch.Generator().manual_seed(n)
-    feats = [({f"a{i}": torch.randn(n, width, generator=g) for i in range(6)},
-              {f"b{i}": torch.randn(n, width, generator=g) + offset for i in range(5)}) for _ in range(2)]
+    feats = [({f"a{i}": torch.randn(n, width, generator=g) for i in range(layers)},
+              {f"b{i}": torch.randn(n, width, generator=g) + offset for i in range(max(1, layers - 1))})
+             for _ in range(2)]
     threads = torch.get_num_threads()
     sums = []
     try:

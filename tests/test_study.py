@@ -341,7 +341,7 @@ def test_a_task_on_a_users_class_folders_trains_there_and_compares_on_its_test_s
     assert main(["study", str(bad), "--out", str(tmp_path / "o3")]) == 2
 
 
-def test_a_checkpoint_encoder_at_another_image_size_with_its_own_lr(tmp_path):
+def test_a_checkpoint_encoder_at_another_image_size_with_its_own_lr(tmp_path, capsys):
     """``image_size`` resamples a file encoder's pos_embed for the tiles; compare and probe see that size."""
     import torch
 
@@ -378,6 +378,10 @@ def test_a_checkpoint_encoder_at_another_image_size_with_its_own_lr(tmp_path):
         key = "encoders.r." + named.split(" =")[0]
         with pytest.raises(UsageError, match=re.escape(key)):
             load_config(bad)
+    bad.write_text(cfg.read_text().replace("image_size = 32", "image_size = 36"))
+    assert main(["study", str(bad), "--out", str(tmp_path / "o36"), "--device", "cpu", "--no-figures"]) == 2
+    assert "encoders.r.image_size: 36x36 is not a multiple of the model's patch size 8" in capsys.readouterr().err
+    assert not (tmp_path / "o36" / "encoders" / "r").exists()
     with pytest.raises(UsageError, match=r"encoders\.r\.image_size: a builtin encoder.s size is img_size"):
         parse_config(MINI.replace("depth = 1", "depth = 1\nimage_size = 16"), "m.toml")
 

@@ -82,6 +82,14 @@ def as_stack(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 _LOADAVG = "/proc/loadavg"
+
+
+def _cores() -> int:
+    """The cores this process may run on (its affinity), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 _CHECK_EVERY = 0.25  # seconds between two looks at the run queue
 _state = {"checked": -1.0, "busy": True}
 
@@ -90,8 +98,10 @@ def oversubscribed() -> bool:
     """Whether more threads are runnable than the machine has cores, right now (cached 0.25 s).
 
     Read from the run-queue count of Linux's ``/proc/loadavg`` (its fourth field, "running/
-    total", counts this thread and any spinning worker of ours). Where it cannot be read, the
-    machine is taken as busy (the safe choice: one thread).
+    total", counts this thread and any spinning worker of ours), against the cores this
+    process may use (its CPU affinity). The count is host-wide, so in a container pinned to a
+    few cores of a busy host it says busy (the safe choice); a CPU quota without pinning is
+    not seen. Where it cannot be read, the machine is taken as busy (one thread).
     """
     now = time.monotonic()
     if now - _state["checked"] < _CHECK_EVERY:
@@ -99,7 +109,7 @@ def oversubscribed() -> bool:
     try:
         with open(_LOADAVG, "rb") as f:
             running = int(f.read().split()[3].split(b"/")[0])
-        busy = running > (os.cpu_count() or 1)
+        busy = running > _cores()
     except (OSError, ValueError, IndexError):
         busy = True
     _state.update(checked=now, busy=busy)
@@ -107,20 +117,27 @@ def oversubscribed() -> bool:
 
 
 @contextlib.contextmanager
-def one_thread() -> Iterator[None]:
+def one_thread(always: bool = False) -> Iterator[None]:
     """Run the block's memory-bound CPU steps on one thread when the machine is oversubscribed.
 
     For copies, centering and sums over grams: with another process competing for the cores,
     each of their parallel regions waits at its barrier for a descheduled thread (measured:
     a centering pass 1.6 ms on one thread, 28 ms on two, with the machine's two cores
     oversubscribed), so there they run on one thread; on a quiet machine (see
-    :func:`oversubscribed`) they keep torch's threads, which halves them on two cores. Every
-    step inside is elementwise, a reduction along a dimension with many outputs, or a
-    batched matmul split over its batch and columns, so the thread count changes no bit of
-    the result. The matmuls of the grams keep torch's setting. No effect on CUDA tensors.
+    :func:`oversubscribed`) they keep torch's threads, which halves them on two cores.
+
+    The thread count must change no bit of a result, or CKA values would depend on the
+    machine's load. torch splits a reduction with two or more outputs along its outputs (each
+    output summed by one thread in one order) but a reduction to a single value into one
+    partial per thread, and a batched matmul with a batch of one may be split along its inner
+    dimension: so the callers pass ``always=True`` for stacks of one layer (and for the small
+    cross products), which then run on one thread whatever the load. No effect on CUDA tensors.
+
+    Args:
+        always: One thread even on a quiet machine.
     """
     threads = torch.get_num_threads()
-    if threads == 1 or not oversubscribed():
+    if threads == 1 or not (always or oversubscribed()):
         yield
         return
     torch.set_num_threads(1)
@@ -181,12 +198,13 @@ def fast_linear_grams(
     count, (n, _) = len(tensors), tensors[0].shape
     raw = as_stack(tensors)
     copied = raw is None
+    single = count == 1  # reductions to one value, a matmul batch of one: one thread (see one_thread)
     if raw is None:
         raw = work.buffer(tensors[0], count)
-        with one_thread():
+        with one_thread(single):
             for j, t in enumerate(tensors):  # faster than torch.stack's cat for a few large inputs
                 raw[j].copy_(t)
-    with one_thread():
+    with one_thread(single):
         # Column sums as a matmul: one read of the stack, a BLAS call rather than a strided sum.
         ones = torch.ones((count, 1, n), dtype=raw.dtype, device=raw.device)
         mu = torch.bmm(ones, raw).div_(n)
@@ -208,10 +226,10 @@ def fast_linear_grams(
             x = torch.sub(raw, mu * direct.logical_not().to(raw.dtype)[:, None, None],
                           out=raw if copied else work.buffer(tensors[0], count))
     # A small product is bound by its parallel region's barrier, not its work: one thread then
-    # (when the machine is oversubscribed, see one_thread), as for the cross products.
-    with one_thread() if count * n * n * x.shape[-1] < _SMALL_PRODUCT else contextlib.nullcontext():
+    # when the machine is oversubscribed (and for a single layer, always; see one_thread).
+    with one_thread(single) if count * n * n * x.shape[-1] < _SMALL_PRODUCT else contextlib.nullcontext():
         torch.bmm(x, x.transpose(1, 2), out=out)
-    with one_thread():
+    with one_thread(single):
         diag = out.diagonal(dim1=-2, dim2=-1)
         sq = diag.sum(-1, dtype=torch.float64)
         peak = diag.amax(-1).to(torch.float64)
@@ -252,8 +270,9 @@ def frobenius(ka: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
     c = n * n // m
     head_a = flat_a[:, : c * m].unflatten(1, (c, m)).transpose(0, 1)  # (c, L_A, m), a view
     head_b = flat_b[:, : c * m].unflatten(1, (c, m)).permute(1, 2, 0)  # (c, m, L_B), a view
-    # A small product is memory-bound: one thread (see one_thread), else torch's setting.
-    with one_thread() if la * flat_b.shape[0] * n * n < _SMALL_PRODUCT else contextlib.nullcontext():
+    # A small product is memory-bound: one thread, whatever the load (its batch of chunks can be
+    # one, see one_thread); else torch's setting.
+    with one_thread(always=True) if la * flat_b.shape[0] * n * n < _SMALL_PRODUCT else contextlib.nullcontext():
         out = torch.bmm(head_a, head_b).sum(0, dtype=torch.float64)
         if c * m < n * n:
             out += (flat_a[:, c * m :] @ flat_b[:, c * m :].T).to(torch.float64)

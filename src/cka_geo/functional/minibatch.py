@@ -315,7 +315,8 @@ def _chunk_grams(
             return
         chunk = [tensors[i] for i in idx]
     device = out.device
-    with one_thread():
+    single = len(idx) == 1  # reductions to one value: one thread whatever the load (see one_thread)
+    with one_thread(single):
         x, s, offset_sq = scaled_stack(chunk, dtype)
     n = x.shape[1]
     sel = torch.tensor(idx, device=device)
@@ -327,7 +328,7 @@ def _chunk_grams(
     else:
         g, sg = gram_rbf(x, rbf_frac)
         sigma[idx] = sg / s  # type: ignore[index]  # back in the features' own units
-        with one_thread():
+        with one_thread(single):
             centred_sq = x.square().sum((1, 2)).to(torch.float64)
             narrow = _rbf_shift(g, estimator, dtype)
             out.index_copy_(0, sel, g)

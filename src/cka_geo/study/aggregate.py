@@ -16,8 +16,8 @@ and a test can recompute them independently. Written into ``OUT/aggregate/`` as 
   the mean over its fine-tuned cells; ``probing_summary.csv``: best layer, whether it is
   intermediate (better than the last), the best and last values.
 * ``localisation.csv``: change 1 − CKA per sublayer kind and block, in both views (``same``:
-  same-layer CKA; ``own``: own change), by setting and encoder (over seeds) and by encoder
-  (each seed's mean over all its cells, then over seeds). The interval is the 95 % Student-t
+  same-layer CKA; ``own``: own change), by setting and encoder (over seeds), by encoder and
+  adaptation mode, and by encoder (each seed's mean over its cells, then over seeds). The interval is the 95 % Student-t
   interval over seeds, mean ± t(0.975, n − 1) · s / √n (empty for one seed).
 * ``kind_change.csv``: per view, encoder and adaptation, the mean 1 − CKA over blocks of each
   kind with its t-interval over seeds, and fc1's margin over the next most changed kind
@@ -252,6 +252,8 @@ def fc1_share(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for view in VIEWS:
         for enc, adapt in groups:
             sel = [r for r in table if (enc is None or r["encoder"] == enc) and (adapt is None or r["adaptation"] == adapt)]
+            if not sel and adapt is not None:
+                continue  # an encoder without cells of this mode
             kinds = [r[f"most_changed_kind_{view}"] for r in sel]
             counted = [k for k in kinds if k is not None]
             row: dict[str, Any] = {"view": view, "encoder": enc or "all", "adaptation": adapt or "all", "cells": len(sel),

@@ -53,7 +53,8 @@ def markdown(tables: dict[str, Any], name: str = "study") -> str:
             if not by:
                 continue
             s = share.get((view, enc, adapt))
-            top = max((k for k in present if k in by), key=lambda k: by[k]["change"], default=None)
+            top = max((k for k in present if k in by and by[k]["change"] is not None),
+                      key=lambda k: by[k]["change"], default=None)
             cell_share = (f"{s['most_fc1']}/{s['counted']} = {_ci(s, 'fc1_share', 'share_lo', 'share_hi', 2)}"
                           if s and s["counted"] else "–")
             rows.append([enc, adapt, str(next(iter(by.values()))["cells"]),
@@ -74,7 +75,7 @@ def markdown(tables: dict[str, Any], name: str = "study") -> str:
     out += [*_table(["setting", "metric", *encs], rows), ""]
     taus = [r["tau"] for r in tables.get("kendall", []) if r.get("tau") is not None and math.isfinite(r["tau"])]
     if taus:
-        agree = sum(t == 1.0 for t in taus)
+        agree = sum(t >= 1 - 1e-9 for t in taus)  # scipy's tau-b of equal orders can be 0.9999999999999999
         out += [f"Ranking agreement between settings (Kendall's tau-b, {len(taus)} pairs of settings): "
                 f"mean {_f(sum(taus) / len(taus), 3)}, min {_f(min(taus), 3)}; identical rankings in {agree} "
                 f"of {len(taus)} pairs.", ""]

@@ -146,15 +146,33 @@ def prepare_encoder(cfg: StudyConfig, enc: EncoderSpec, out: Path, device: str) 
         with atomic_dir(folder) as tmp:
             info: dict[str, Any] = {"spec": spec}
             path = Path(enc.checkpoint)
+            final = None
             if enc.builtin is not None:
                 path, info["pretrain"] = _make_builtin(enc, tmp / "pretrain", device)
+                final = folder / path.relative_to(tmp)
+            elif enc.image_size is not None:
+                _check_size(cfg, enc, path)
             if cfg.probe["enabled"]:
-                info["probe"] = _probe(cfg, path, tmp / "probe", device, enc.trust, enc.image_size)
+                info["probe"] = _probe(cfg, path, tmp / "probe", device, enc.trust, enc.image_size, final)
             info["seconds"] = round(time.perf_counter() - t0, 2)
             info["done"] = True
             write_text_atomic(tmp / "encoder.json", _dump(info))
         _say(f"encoder {enc.name} ready ({time.perf_counter() - t0:.1f} s)")
     return encoder_path(out, enc)
+
+
+def _check_size(cfg: StudyConfig, enc: EncoderSpec, path: Path) -> None:
+    """Refuse an ``image_size`` that is not a multiple of the checkpoint's patch, naming the key."""
+    from cka_geo.checkpoints import load_checkpoint
+    from cka_geo.compare.inputs import check_multiple
+    from cka_geo.errors import DataError
+
+    loaded = load_checkpoint(path, trust=enc.trust)
+    size = enc.image_size or 0
+    try:
+        check_multiple((size, size), int(getattr(loaded.config, "patch_size", 1)), f"encoders.{enc.name}.image_size")
+    except DataError as exc:
+        raise UsageError(f"{cfg.path}: {exc}") from None
 
 
 def _make_builtin(enc: EncoderSpec, folder: Path, device: str) -> tuple[Path, dict[str, Any]]:
@@ -217,6 +235,8 @@ def cell_spec(cfg: StudyConfig, cell: Cell) -> dict[str, Any]:
     """What decides a cell's results (stored in cell.json, compared on rerun)."""
     return {**cell.keys(), "encoder_checkpoint": cell.encoder.checkpoint, "builtin": cell.encoder.builtin,
             "encoder_image_size": cell.encoder.image_size, "encoder_finetune_lr": cell.encoder.finetune_lr,
+            # what the compare is given beyond [compare] (embedded tiles: the tiles' size and z-scoring)
+            "compare_inputs": "data test split" if cell.task.data is not None else "tiles' size, scene z-score",
             "task_data": cell.task.data, "task_layout": cell.task.layout,
             "train": cfg.train, "compare": cfg.compare, "probe": cfg.probe}
 
