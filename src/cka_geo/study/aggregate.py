@@ -235,7 +235,9 @@ def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+    # in exact arithmetic lo = 0 at k = 0 and hi = 1 at k = n; keep them so, and around p, in floats
+    return (0.0 if k == 0 else min(lo, p)), (1.0 if k == n else max(hi, p))
 
 
 def fc1_share(table: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -180,8 +180,8 @@ def _share(new: Any, share: list[dict[str, Any]]) -> Any:
                 ax.bar(x, r[f"most_{kind}"] / n, width=0.18, color=TYPE_COLORS.get(kind, "grey"),
                        label=TYPE_LABELS.get(kind, kind) if j == 0 else None)
                 if kind == "fc1" and _finite(r.get("share_lo")):
-                    ax.errorbar([x], [r["fc1_share"]], yerr=[[r["fc1_share"] - r["share_lo"]],
-                                                              [r["share_hi"] - r["fc1_share"]]],
+                    ax.errorbar([x], [r["fc1_share"]], yerr=[[max(0.0, r["fc1_share"] - r["share_lo"])],
+                                                              [max(0.0, r["share_hi"] - r["fc1_share"])]],
                                 fmt="none", ecolor="black", capsize=2, lw=0.8)
             labels.append(("all cells" if g[0] == "all" else f"{g[0]}\n{g[1]}") + f"\n({n})")
         ax.set_xticks(range(len(groups)))
