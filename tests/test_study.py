@@ -381,7 +381,7 @@ def test_a_checkpoint_encoder_at_another_image_size_with_its_own_lr(tmp_path, ca
     bad.write_text(cfg.read_text().replace("image_size = 32", "image_size = 36"))
     assert main(["study", str(bad), "--out", str(tmp_path / "o36"), "--device", "cpu", "--no-figures"]) == 2
     assert "encoders.r.image_size: 36x36 is not a multiple of the model's patch size 8" in capsys.readouterr().err
-    assert not (tmp_path / "o36" / "encoders" / "r").exists()
+    assert not (tmp_path / "o36").exists()  # refused before anything is written
     with pytest.raises(UsageError, match=r"encoders\.r\.image_size: a builtin encoder.s size is img_size"):
         parse_config(MINI.replace("depth = 1", "depth = 1\nimage_size = 16"), "m.toml")
 

@@ -98,3 +98,33 @@ def test_cli_resume_matches_uninterrupted(tmp_path, capsys):
     a = torch.load(tmp_path / "full/pretrained.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "cut/pretrained.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_on_the_tiles_at_another_image_size_and_evaluate_at_it(tmp_path, capsys):
+    """--image-size on the embedded tiles: trained at 32 px (not the checkpoint's 48), and evaluate
+    reads the tiles' size from ft.pt: its metrics are the run's own."""
+    import torch
+
+    from cka_geo.checkpoints import load_checkpoint, save_checkpoint
+    from cka_geo.models.vit import VisionTransformer, ViTConfig
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(img_size=48, patch_size=8, in_chans=3, embed_dim=16, depth=2, num_heads=2)
+    save_checkpoint(tmp_path / "rgb.pt", VisionTransformer(cfg), cfg)
+    out = tmp_path / "ft"
+    base = ["finetune", str(tmp_path / "rgb.pt"), "--epochs", "1", "--stride", "32", "--threads", "1", "--no-progress"]
+    assert main([*base, "--out", str(out), "--image-size", "32"]) == 0
+    assert "pos_embed resampled from a 6x6 to a 4x4 patch grid" in capsys.readouterr().err
+    assert load_checkpoint(out / "ft.pt").extra["tiles"] == {"image_size": [32, 32]}
+    assert main(["evaluate", str(out), "--split", "test", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    saved = json.loads((out / "eval.json").read_text())["metrics"]["test"]
+    assert metrics["miou"] == pytest.approx(saved["miou"], abs=1e-12)
+    assert metrics["loss"] == pytest.approx(saved["loss"], rel=1e-6)  # float32 sums over other batches
+    for size, code, fragment in ((["36"], 1, "--image-size: 36x36 is not a multiple of the model's patch size 8"),
+                                 (["32", "40"], 2, "the embedded tiles are square")):  # 1: data, as compare
+        bad = tmp_path / f"bad{size[0]}"
+        assert _exit_code([*base, "--out", str(bad), "--image-size", *size]) == code
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and fragment in err, err
+        assert not bad.exists()

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import need
 
@@ -70,3 +71,25 @@ def test_hugging_face_vit_folder_as_the_start(tmp_path, capsys):
                  "--batch-size", "6", "--bands", "B04", "B03", "B02", "--threads", "2", "--no-progress"]) == 0
     assert "normalize imagenet" in capsys.readouterr().err
     assert load_checkpoint(out / "ft.pt").config.in_chans == 3
+
+
+def test_timm_vit_at_224_fine_tunes_on_the_embedded_tiles_at_48_px_and_evaluates_there(tmp_path, capsys):
+    """A timm ViT-S-shaped model saved by safetensors at its native 224 px, trained at 48 px."""
+    need("timm")
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=2).eval()
+    path = tmp_path / "vit_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    out = tmp_path / "run"
+    assert main(["finetune", str(path), "--out", str(out), "--image-size", "48", "--task", "classification",
+                 "--epochs", "1", "--stride", "48", "--threads", "2", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "pos_embed resampled from a 14x14 to a 3x3 patch grid" in err
+    assert main(["evaluate", str(out), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    saved = json.loads((out / "eval.json").read_text())["metrics"]["test"]
+    assert metrics["task"] == "classification" and metrics["accuracy"] == saved["accuracy"]
+    assert metrics["loss"] == pytest.approx(saved["loss"], rel=1e-6)  # float32 sums over other batches

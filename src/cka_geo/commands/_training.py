@@ -196,7 +196,7 @@ RESUME_FLAGS = {
     "encoder.embed_dim": "--embed-dim", "encoder.depth": "--depth", "encoder.num_heads": "--heads",
     "task.task": "--task", "task.num_outputs": "--task", "task.decoder": "--decoder", "task.taps": "--taps",
     "task.decoder_channels": "--decoder-channels", "task.adaptation": "--adapt", "task.last_k": "--last-k",
-    "label_fraction": "--label-fraction", "fraction_seed": "--fraction-seed", "data.stride": "--stride",
+    "label_fraction": "--label-fraction", "fraction_seed": "--fraction-seed", "data.stride": "--stride", "data.image_size": "--image-size",
     "train_samples": "--stride", "data.path": "--data", "data.layout": "--layout", "data.target": "--target",
     "data.labels": "--labels", "data.split_seed": "--split-seed", "data.val_fraction": "--val-fraction",
     "data.test_fraction": "--test-fraction", "inputs.bands": "--bands", "inputs.normalize.name": "--normalize",
@@ -261,6 +261,16 @@ def format_metrics(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
 
+def tile_size_option(args: argparse.Namespace) -> int | None:
+    """``--image-size`` for the embedded tiles: one side N (or N N), else None."""
+    size = getattr(args, "image_size", None)
+    if not size:
+        return None
+    if len(size) > 2 or size[0] != size[-1]:
+        raise UsageError(f"--image-size {' '.join(map(str, size))}: the embedded tiles are square; give one size")
+    return int(size[0])
+
+
 def square_size(cfg: Any, path: Any) -> int:
     """The encoder's image size for training on square tiles; a rectangular one is refused."""
     size = cfg.img_size
@@ -295,8 +305,9 @@ def add_data_arguments(p: argparse.ArgumentParser, *, inputs: bool = True, adapt
                    help="as for compare: auto, none, imagenet, s2-div10000 (ssl4eo), scene or a mean/std .json "
                         "(default auto: --data as given unless raw DNs, then DN / 10000; imagenet for 3 bands)")
     g.add_argument("--image-size", type=positive_int, nargs="+", default=None, metavar="PX",
-                   help="N or H W, as for compare: must be the size of --data; another size than the checkpoint's "
-                        "resamples its position embedding on the fly as its family does")
+                   help="N or H W, as for compare: must be the size of --data (finetune on the embedded tiles: their "
+                        "size, up to 128); another size than the checkpoint's resamples its position embedding on "
+                        "the fly as its family does")
     if adapt:
         g.add_argument("--band-rule", choices=("auto", "names", "mean", "off"), default="auto",
                        help="when --data has other bands than the model: copy kernels by band name, new bands at "
@@ -321,13 +332,14 @@ def data_options(args: argparse.Namespace) -> dict[str, Any]:
             "split_seed": args.split_seed, "val_fraction": args.val_fraction, "test_fraction": args.test_fraction}
 
 
-def refuse_input_options(args: argparse.Namespace) -> None:
-    """``--bands``/``--normalize``/``--image-size`` and the split options apply with ``--data`` only."""
+def refuse_input_options(args: argparse.Namespace, image_size: bool = False) -> None:
+    """``--bands``/``--normalize`` and the split options apply with ``--data`` only (and
+    ``--image-size``, unless ``image_size``: the command also takes it for the embedded tiles)."""
     if args.data is not None:
         return
     given = [f for f, v, d in (("--bands", getattr(args, "bands", None), None),
                                ("--normalize", getattr(args, "normalize", "auto"), "auto"),
-                               ("--image-size", getattr(args, "image_size", None), None),
+                               ("--image-size", None if image_size else getattr(args, "image_size", None), None),
                                ("--target", args.target, None), ("--labels", args.labels, None),
                                ("--layout", args.layout, "auto")) if v != d]
     if given:

@@ -39,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_task_model(path, trust=args.trust_checkpoint)
     cfg = model.encoder.cfg
     if args.data is None:
-        data = T.embedded(args.split, model.task, T.square_size(cfg, path), cfg.in_chans, checkpoint=path)
+        tiles = model.run_extra.get("tiles")  # the tiles' size the run trained at (another than the checkpoint's)
+        size = int(tiles["image_size"][0]) if isinstance(tiles, dict) else T.square_size(cfg, path)
+        data = T.embedded(args.split, model.task, size, cfg.in_chans, checkpoint=path)
     else:
         data = _user_split(args, path, model)
     metrics = evaluate(model, data, args.batch_size)

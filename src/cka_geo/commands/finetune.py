@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from cka_geo.train.runs import finetune, load_encoder
 
     T.set_threads(args.threads)
-    T.refuse_input_options(args)
+    T.refuse_input_options(args, image_size=True)
     if args.data is None and args.task == "multilabel":
         raise UsageError("--task multilabel needs --data (the embedded tiles have no multi-label targets)")
     if args.data is None and (args.prefix is not None or args.num_heads is not None):
@@ -76,14 +76,15 @@ def run(args: argparse.Namespace) -> int:
         if args.data is None:
             task = args.task or "segmentation"
             _check_decoder(args, task)
-            encoder = load_encoder(args.checkpoint, trust=args.trust_checkpoint)
-            size, bands = T.square_size(encoder.cfg, args.checkpoint), encoder.cfg.in_chans
+            tile = T.tile_size_option(args)
+            encoder = load_encoder(args.checkpoint, trust=args.trust_checkpoint, image_size=tile)
+            size, bands = tile or T.square_size(encoder.cfg, args.checkpoint), encoder.cfg.in_chans
             stride = args.stride or max(1, size // 2)
             train = T.embedded("train", task, size, bands, stride=stride, checkpoint=args.checkpoint)
             val = T.embedded("val", task, size, bands, checkpoint=args.checkpoint)
             test = T.embedded("test", task, size, bands, checkpoint=args.checkpoint)
             outputs = train.num_classes or 1
-            run_info: dict[str, object] = {"data": {"stride": stride}}
+            run_info: dict[str, object] = {"data": {"stride": stride, **({"image_size": size} if tile else {})}}
         else:
             from cka_geo.train.start import prepare_start
 

@@ -36,12 +36,13 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from cka_geo.atomic import atomic_dir, clean_stale, write_text_atomic
-from cka_geo.errors import CheckpointError, CkaGeoError, UsageError
+from cka_geo.errors import CkaGeoError, UsageError
 from cka_geo.study.config import EncoderSpec, StudyConfig, TaskSpec
 from cka_geo.study.grid import Cell, expand, shard
 
@@ -150,8 +151,6 @@ def prepare_encoder(cfg: StudyConfig, enc: EncoderSpec, out: Path, device: str) 
             if enc.builtin is not None:
                 path, info["pretrain"] = _make_builtin(enc, tmp / "pretrain", device)
                 final = folder / path.relative_to(tmp)
-            elif enc.image_size is not None:
-                _check_size(cfg, enc, path)
             if cfg.probe["enabled"]:
                 info["probe"] = _probe(cfg, path, tmp / "probe", device, enc.trust, enc.image_size, final)
             info["seconds"] = round(time.perf_counter() - t0, 2)
@@ -267,27 +266,6 @@ def _datasets(task: TaskSpec, size: int, bands: int, stride: int, checkpoint: Pa
             T.embedded("test", task.task, size, bands, checkpoint=checkpoint))
 
 
-def _encoder_at(enc: EncoderSpec, pre: Path) -> Any:
-    """The encoder of ``pre`` for training, at ``enc.image_size`` when given (pos_embed resampled)."""
-    import warnings
-
-    from cka_geo.checkpoints import build_model, load_checkpoint
-    from cka_geo.compare.inputs import at_size
-    from cka_geo.train.runs import load_encoder
-
-    if enc.image_size is None:
-        return load_encoder(pre, trust=enc.trust)
-    loaded = load_checkpoint(pre, trust=enc.trust)
-    if loaded.family != "timm":
-        raise CheckpointError(f"{pre}: fine-tuning needs a timm-style ViT, found {loaded.family}")
-    with warnings.catch_warnings():  # the resample is recorded in the cell's compare settings
-        warnings.simplefilter("ignore", RuntimeWarning)
-        at_size(loaded, loaded, (enc.image_size, enc.image_size), f"encoders.{enc.name}.image_size")
-    encoder = build_model(loaded)
-    encoder.requires_grad_(True)
-    return encoder.train()
-
-
 def _user_task(task: TaskSpec, pre: Path, trust: bool) -> tuple[Any, Any, Any, Any, Any]:
     """A ``data`` task: encoder adapted to the data (finetune --data's rules), splits, the data."""
     from cka_geo.data.layouts import open_user_data
@@ -316,7 +294,7 @@ def run_cell(cfg: StudyConfig, cell: Cell, out: Path, pre: Path, device: str) ->
     from cka_geo.compare import compare_checkpoints
     from cka_geo.report import write_results
     from cka_geo.train import TrainConfig
-    from cka_geo.train.runs import finetune, load_task_model
+    from cka_geo.train.runs import finetune, load_encoder, load_task_model
     from cka_geo.train.tasks import evaluate
 
     final = out / "cells" / cell.id
@@ -326,7 +304,10 @@ def run_cell(cfg: StudyConfig, cell: Cell, out: Path, pre: Path, device: str) ->
         t = time.perf_counter()
         probes: dict[str, Any] = {"samples": cp["samples"]}
         if cell.task.data is None:
-            encoder = _encoder_at(cell.encoder, pre)
+            with warnings.catch_warnings():  # the resample is recorded in the cell's compare settings
+                warnings.simplefilter("ignore", RuntimeWarning)
+                encoder = load_encoder(pre, trust=cell.encoder.trust, image_size=cell.encoder.image_size,
+                                       what=f"encoders.{cell.encoder.name}.image_size")
             size = cell.encoder.image_size or T.square_size(encoder.cfg, pre)
             bands = int(encoder.cfg.in_chans)
             # the compare sees what the fine-tune saw: the tiles' size and z-scoring
@@ -456,6 +437,9 @@ def run_study(cfg: StudyConfig, out: str | os.PathLike[str], *, devices: tuple[s
     from cka_geo.commands import _training as T
 
     folder = Path(out)
+    for enc in cfg.encoders:  # before anything is written
+        if enc.builtin is None and enc.image_size is not None and Path(enc.checkpoint).is_file():
+            _check_size(cfg, enc, Path(enc.checkpoint))
     cells = prepare_study(cfg, folder)
     T.set_threads(threads)
     mine = shard(cells, shard_index, shard_count)

@@ -105,13 +105,25 @@ def pretrain(
     return PretrainResult(path, res)
 
 
-def load_encoder(path: str | Path, trust: bool = False) -> VisionTransformer:
-    """The timm-family encoder of a checkpoint file, in train mode with gradients on."""
+def load_encoder(path: str | Path, trust: bool = False, image_size: int | None = None,
+                 what: str = "--image-size") -> VisionTransformer:
+    """The timm-family encoder of a checkpoint file, in train mode with gradients on.
+
+    Args:
+        path: The checkpoint file.
+        trust: Allow pickled code in it.
+        image_size: Square tiles of another size than the checkpoint's: its position
+            embedding is then resampled on the fly by its family's rule (as compare does; one
+            RuntimeWarning says so). ``what`` names the setting in errors.
+    """
     from cka_geo.checkpoints import build_model, load_checkpoint
+    from cka_geo.compare.inputs import at_size
 
     loaded = load_checkpoint(path, trust=trust)
     if loaded.family != "timm":
         raise CheckpointError(f"{path}: fine-tuning needs a timm-style ViT, found {loaded.family}")
+    if image_size is not None:
+        at_size(loaded, loaded, (image_size, image_size), what)
     enc = cast(VisionTransformer, build_model(loaded))
     enc.requires_grad_(True)
     return enc.train()
@@ -218,8 +230,10 @@ def finetune(
     result.ft_path = out / "ft.pt"
     if not main:
         return result
+    tiles = getattr(train_data, "tile_size", None)  # the embedded tiles: evaluate needs their size
     save_checkpoint(result.ft_path, model.encoder, encoder.cfg, extra={
         "kind": "ft",
+        **({"tiles": {"image_size": [int(tiles), int(tiles)]}} if isinstance(tiles, int) else {}),
         "task_head": {"config": model.config(), "state_dict": model.head_state()},
         "label_fraction": label_fraction,
         "train_samples": len(indices),
