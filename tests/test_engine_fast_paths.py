@@ -14,6 +14,7 @@ import reference as ref
 from cka_geo.accumulator import MinibatchCKA
 from cka_geo.functional import batched, rbf_sigma
 from cka_geo.functional.batched import GramWork, as_stack, fast_linear_grams, frobenius, one_thread
+from cka_geo.functional.blocks import GramBlocks, parts_for
 
 
 def c64(x: np.ndarray) -> np.ndarray:
@@ -93,7 +94,7 @@ def test_an_offset_its_first_rows_hide_is_found_and_the_layer_redone_centred():
     x[:32] = 2 * c * np.where(np.arange(32)[:, None] % 2, 1.0, -1.0)
     y = model(1, n, [5], 0.0, 1.0)[0]
     t = torch.from_numpy(x)
-    _, _, redo = fast_linear_grams([t, torch.from_numpy(y[:, :1].repeat(6, 1))], torch.empty(2, n, n), GramWork())
+    _, _, redo = fast_linear_grams([t, torch.from_numpy(y[:, :1].repeat(6, 1))], GramBlocks.empty(2, n, parts_for(n), torch.float32, "cpu"), GramWork())
     assert redo == [0]
     got = engine([[x]], [[y]])[0, 0]
     want = ref.minibatch_cka_matrix([[c64(x)]], [[c64(y)]])[0, 0]
@@ -162,6 +163,7 @@ def test_oversubscribed_reads_the_run_queue_and_a_missing_file_means_busy(tmp_pa
 @pytest.mark.parametrize(("n", "width", "offset", "layers"), [
     (5, 7, 0.0, 6), (64, 384, 10.0, 6), (300, 96, 0.0, 6), (130, 1536, 3.0, 6),
     (256, 96, 3.0, 1), (256, 96, 0.0, 2), (64, 384, 10.0, 1),  # one layer: reductions to one value
+    (512, 64, 3.0, 4), (512, 64, 0.0, 1),  # four row parts (functional/blocks.py)
 ])
 def test_the_thread_count_of_the_memory_bound_steps_changes_no_bit(monkeypatch, kernel, n, width, offset, layers):
     """Quiet (torch's threads in every step) and oversubscribed (one thread) give the same bits."""

@@ -35,6 +35,7 @@ import torch
 
 from cka_geo.errors import FeatureError, UsageError
 from cka_geo.functional.batched import GramWork
+from cka_geo.functional.blocks import GramBlocks
 from cka_geo.functional.kernels import (
     DEFAULT_RBF_FRAC,
     Estimator,
@@ -174,7 +175,7 @@ class MinibatchCKA:
         self._degenerate_b: torch.Tensor | None = None
         self._batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._sigmas: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers: dict[str, GramBlocks] = {}
         self._work: dict[str, GramWork] = {}
         self.batch_sizes: list[int] = []
         self.samples_skipped = 0

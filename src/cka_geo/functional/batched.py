@@ -33,11 +33,14 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cka_geo.functional.precision import pow2_scale
+
+if TYPE_CHECKING:
+    from cka_geo.functional.blocks import GramBlocks
 
 #: Most gram entries behind one float32 partial sum of the Frobenius products.
 FROB_TERMS = 8192
@@ -169,7 +172,7 @@ class GramWork:
 
 
 def fast_linear_grams(
-    tensors: list[torch.Tensor], out: torch.Tensor, work: GramWork
+    tensors: list[torch.Tensor], out: GramBlocks, work: GramWork
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Linear grams of one width's features of one batch into ``out``, unscaled.
 
@@ -186,7 +189,7 @@ def fast_linear_grams(
 
     Args:
         tensors: L features (n, p) of one width and of ``out``'s dtype.
-        out: An (L, n, n) buffer for their grams.
+        out: Blocks for their L grams (see :class:`~cka_geo.functional.blocks.GramBlocks`).
         work: Work buffers.
 
     Returns:
@@ -228,11 +231,11 @@ def fast_linear_grams(
     # A small product is bound by its parallel region's barrier, not its work: one thread then
     # when the machine is oversubscribed (and for a single layer, always; see one_thread).
     with one_thread(single) if count * n * n * x.shape[-1] < _SMALL_PRODUCT else contextlib.nullcontext():
-        torch.bmm(x, x.transpose(1, 2), out=out)
+        out.multiply(x)
     with one_thread(single):
-        diag = out.diagonal(dim1=-2, dim2=-1)
-        sq = diag.sum(-1, dtype=torch.float64)
-        peak = diag.amax(-1).to(torch.float64)
+        diag = out.diagonal()
+        sq = diag.sum((-2, -1), dtype=torch.float64)
+        peak = diag.amax((-2, -1)).to(torch.float64)
         centred_sq = torch.where(direct, sq - offset_sq, sq)  # ‖X‖² = ‖X_c‖² + n ‖μ‖²
         bad = ~((peak >= _LOW) & (peak <= _HIGH)) | (direct & (offset_sq > centred_sq))  # NaN: bad
     return centred_sq, offset_sq, bad.nonzero().flatten().tolist()  # one host sync
@@ -257,24 +260,29 @@ def scaled_stack(chunk: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.T
 
 
 def frobenius(ka: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
-    """All ⟨K_a, K_b⟩_F of two (L, n, n) gram stacks, (L_A, L_B) in float64.
+    """All ⟨K_a, K_b⟩_F of two stacks of grams or gram pieces, (L_A, L_B) in float64.
 
-    The n² entries are cut into chunks of at most :data:`FROB_TERMS`; each chunk is one
-    matmul (L_A, m) @ (m, L_B) of the batched product, with no copy of either stack, and the
-    float32 partials add in float64 (a single float32 sum over all n² entries would lose
-    √(n²) more digits).
+    Args:
+        ka: (L_A, ...) grams (or pieces of them) of model A.
+        kb: (L_B, ...) the same entries of model B's.
+
+    The entries of each layer are cut into chunks of at most :data:`FROB_TERMS`; each chunk
+    is one matmul (L_A, m) @ (m, L_B) of the batched product, with no copy of either stack,
+    and the float32 partials add in float64 (a single float32 sum over all n² entries would
+    lose √(n²) more digits).
     """
-    la, n = ka.shape[0], ka.shape[-1]
-    flat_a, flat_b = ka.reshape(la, n * n), kb.reshape(kb.shape[0], n * n)
-    m = min(n, max(1, FROB_TERMS // n)) * n  # whole gram rows per chunk
-    c = n * n // m
+    la, lb = ka.shape[0], kb.shape[0]
+    flat_a, flat_b = ka.reshape(la, -1), kb.reshape(lb, -1)
+    size = flat_a.shape[1]
+    m = min(size, FROB_TERMS)
+    c = size // m
     head_a = flat_a[:, : c * m].unflatten(1, (c, m)).transpose(0, 1)  # (c, L_A, m), a view
     head_b = flat_b[:, : c * m].unflatten(1, (c, m)).permute(1, 2, 0)  # (c, m, L_B), a view
     # A small product is memory-bound: one thread, whatever the load (its batch of chunks can be
     # one, see one_thread); else torch's setting.
-    with one_thread(always=True) if la * flat_b.shape[0] * n * n < _SMALL_PRODUCT else contextlib.nullcontext():
+    with one_thread(always=True) if la * lb * size < _SMALL_PRODUCT else contextlib.nullcontext():
         out = torch.bmm(head_a, head_b).sum(0, dtype=torch.float64)
-        if c * m < n * n:
+        if c * m < size:
             out += (flat_a[:, c * m :] @ flat_b[:, c * m :].T).to(torch.float64)
     return out
 
