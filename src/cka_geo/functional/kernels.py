@@ -66,11 +66,25 @@ def gram_linear(x: torch.Tensor) -> torch.Tensor:
     return xc @ xc.transpose(-1, -2)
 
 
-def squared_distances(x: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances between rows: (…, n, p) -> (…, n, n), zero diagonal."""
+def squared_distances(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared Euclidean distances between rows: (…, n, p) -> (…, n, n), zero diagonal.
+
+    Args:
+        x: Features (n, p), or a stack (L, n, p) (or more leading dimensions).
+        out: Where to write them ((n, n) or (L, n, n), x's dtype), or None for a new tensor.
+    """
     xc = center_features(x)
     sq = (xc * xc).sum(-1)
-    d = sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * (xc @ xc.transpose(-1, -2))
+    xt = xc.transpose(-1, -2)
+    # ‖x_i‖² − 2 x_i·x_j in the matmul's own pass, then + ‖x_j‖²: two passes over the n² entries.
+    if xc.ndim == 3:
+        d = torch.baddbmm(sq.unsqueeze(-1), xc, xt, alpha=-2, out=out)
+    elif xc.ndim == 2:
+        d = torch.addmm(sq.unsqueeze(-1), xc, xt, alpha=-2, out=out)
+    else:
+        d = sq.unsqueeze(-1) - 2 * (xc @ xt)
+        d = d if out is None else out.copy_(d)
+    d += sq.unsqueeze(-2)
     d = d.clamp_min_(0)
     d.diagonal(dim1=-2, dim2=-1).zero_()
     return d
@@ -103,18 +117,25 @@ def rbf_sigma(sq_dist: torch.Tensor, frac: float = DEFAULT_RBF_FRAC) -> torch.Te
     m = pairs.shape[-1]
     lo = torch.kthvalue(pairs, (m + 1) // 2, dim=-1).values
     med = lo.to(torch.float64)
+    # The fallback mean, only where a median is 0 (one host sync), before the pairs are overwritten.
+    mean = pairs.mean(-1, dtype=torch.float64) if not bool((lo > 0).all()) else None
     if m % 2 == 0:
-        ties = (pairs <= lo[..., None]).sum(-1)
-        above = torch.where(pairs > lo[..., None], pairs, torch.full_like(pairs, float("inf"))).amin(-1)
+        below = pairs <= lo[..., None]
+        ties = torch.count_nonzero(below, dim=-1)
+        above = pairs.masked_fill_(below, float("inf")).amin(-1)  # pairs is a copy (the gather)
         hi = torch.where(ties >= m // 2 + 1, lo, above)
         med = (med + hi.to(torch.float64)) / 2
-    med = torch.where(med > 0, med, pairs.mean(-1, dtype=torch.float64))
+    if mean is not None:
+        med = torch.where(med > 0, med, mean)
     med = torch.where(med > 0, med, torch.full_like(med, float("nan")))
     return frac * med.sqrt()
 
 
 def gram_rbf(
-    x: torch.Tensor, frac: float = DEFAULT_RBF_FRAC, sigma: float | torch.Tensor | None = None
+    x: torch.Tensor,
+    frac: float = DEFAULT_RBF_FRAC,
+    sigma: float | torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RBF gram ``K_ij = exp(-‖x_i − x_j‖² / (2 σ²))``.
 
@@ -123,6 +144,7 @@ def gram_rbf(
         frac: Bandwidth fraction for the median rule of :func:`rbf_sigma` (used when
             ``sigma`` is None).
         sigma: A fixed bandwidth instead of the median rule.
+        out: Where to write the gram (…, n, n) (x's dtype), or None for a new tensor.
 
     Returns:
         ``(gram, sigma)``: gram (…, n, n) in x's dtype, and the sigma used (…) in float64,
@@ -131,14 +153,14 @@ def gram_rbf(
     """
     if not frac > 0:
         raise UsageError(f"RBF bandwidth fraction must be positive, got {frac}")
-    d = squared_distances(x)
+    d = squared_distances(x, out)
     if sigma is None:
         s = rbf_sigma(d, frac)
     else:
         s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).expand(d.shape[:-2])
     denom = (2 * s * s).to(d.dtype)
     safe = torch.where(torch.isnan(denom), torch.ones_like(denom), denom)
-    k = torch.exp(d.div_(-safe[..., None, None]))
+    k = d.div_(-safe[..., None, None]).exp_()  # in place: the distances are not needed after
     return k, s
 
 
