@@ -327,13 +327,13 @@ def _chunk_grams(
     else:
         # RBF grams are whole (one part): consecutive layers are written in place.
         consecutive = idx == list(range(idx[0], idx[0] + len(idx)))
-        target = out.diag[idx[0] : idx[0] + len(idx), 0] if consecutive and out.parts == 1 else None
-        g, sg = gram_rbf(x, rbf_frac, out=target)
+        whole = out.diag[idx[0] : idx[0] + len(idx), 0] if consecutive and out.parts == 1 else None
+        g, sg = gram_rbf(x, rbf_frac, out=whole)
         sigma[idx] = sg / s  # type: ignore[index]  # back in the features' own units
         with one_thread(single):
             centred_sq = x.square().sum((1, 2)).to(torch.float64)
             narrow = _rbf_shift(g, estimator, dtype)
-            if target is None:
+            if whole is None:
                 out.assign(idx, g)
     constant[sel] = _constant(chunk, dtype, centred_sq, offset_sq) | narrow
     scale[sel] = s
