@@ -212,7 +212,7 @@ def check_batch(
             n = x.shape[0]
         elif x.shape[0] != n:
             raise FeatureError(f"layer {name!r} of model {which} has {x.shape[0]} samples, others have {n}")
-        out[name] = x.detach()
+        out[name] = x.detach() if x.requires_grad else x  # detach() costs a dispatch per layer
     return out, int(n)  # type: ignore[arg-type]
 
 
