@@ -126,3 +126,61 @@ def test_blocks_and_whole_grams_give_the_same_cka(monkeypatch):
     feats = {f"a{i}": x[:, i] for i in range(3)}
     acc.update(feats, dict(feats))
     assert np.all(np.diag(acc.compute().matrix) == 1.0)
+
+
+@pytest.mark.parametrize("n", [256, 512])
+def test_a_layer_alone_in_its_stack_has_the_bits_of_the_same_layer_in_a_larger_stack(n):
+    # Model B holds a copy of A's last layer only: its grams come from a stack of one (a batch-one
+    # product, which torch may split by thread), A's from a stack of five. With torch's threads
+    # on a quiet machine the grams must still be bit-identical, so CKA is exactly 1.
+    from cka_geo.functional import batched
+
+    threads = torch.get_num_threads()
+    x = torch.randn(5, n, 1024, generator=torch.Generator().manual_seed(n))
+    try:
+        torch.set_num_threads(max(2, threads))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(batched, "oversubscribed", lambda: False)
+            acc = MinibatchCKA()
+            acc.update({f"a{i}": x[i] for i in range(5)}, {"b": x[4].clone()})
+            assert acc.compute().matrix[4, 0] == 1.0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_four_parts_find_a_changed_entry_in_any_block_row():
+    x = _stack(4, 512, 8, 5)
+    ka, kb = (GramBlocks.empty(4, 512, 4, torch.float32, "cpu") for _ in range(2))
+    ka.multiply(x)
+    kb.multiply(x)
+    assert len(kb.upper) == 3
+    kb.upper[1][1, 3, 100] += 1.0
+    kb.upper[2][3, 127, 0] += 1.0
+    idx = torch.arange(4)
+    assert ka.equal(idx, kb, idx).tolist() == [True, False, True, False]
+    # Non-consecutive layers written from blocks (the engine's interleaved widths).
+    out = GramBlocks.empty(4, 512, 4, torch.float32, "cpu")
+    out.assign([0, 1, 2, 3], ka)
+    out.assign([3, 0], kb.layers(1, 3))
+    full, src = out.full(), kb.full()
+    assert torch.equal(full[3], src[1]) and torch.equal(full[0], src[2])
+    assert torch.equal(full[1], ka.full()[1]) and torch.equal(out.to("cpu").diag, out.diag)
+
+
+def test_reused_buffers_across_batch_sizes_give_each_batch_its_own_terms():
+    # One accumulator sees 520, 130, 512, 64 and 1024 rows (two, one and four parts) in its
+    # reused buffers; each batch's terms equal those of a fresh accumulator, bit for bit.
+    sizes = [520, 130, 512, 64, 1024]
+    g = torch.Generator().manual_seed(7)
+    batches = [({f"a{i}": torch.randn(n, 24, generator=g) + i for i in range(3)},
+                {f"b{i}": torch.randn(n, 40 if i else 24, generator=g) for i in range(2)}) for n in sizes]
+    acc = MinibatchCKA()
+    for fa, fb in batches:
+        acc.update(fa, fb)
+    res = acc.compute()
+    for k, (fa, fb) in enumerate(batches):
+        alone = MinibatchCKA()
+        alone.update(fa, fb)
+        one = alone.compute()
+        assert np.array_equal(res.batch_cross[k], one.batch_cross[0])
+        assert np.array_equal(res.batch_self_a[k], one.batch_self_a[0])

@@ -164,6 +164,9 @@ def test_oversubscribed_reads_the_run_queue_and_a_missing_file_means_busy(tmp_pa
     (5, 7, 0.0, 6), (64, 384, 10.0, 6), (300, 96, 0.0, 6), (130, 1536, 3.0, 6),
     (256, 96, 3.0, 1), (256, 96, 0.0, 2), (64, 384, 10.0, 1),  # one layer: reductions to one value
     (512, 64, 3.0, 4), (512, 64, 0.0, 1),  # four row parts (functional/blocks.py)
+    # Products large enough for torch's threads: a piece with a remainder past its whole chunks
+    # (1000 rows), pieces of one chunk (128 rows, many layers), one layer's large block products.
+    (1000, 64, 0.0, 36), (128, 16, 3.0, 70), (512, 1024, 0.0, 1),
 ])
 def test_the_thread_count_of_the_memory_bound_steps_changes_no_bit(monkeypatch, kernel, n, width, offset, layers):
     """Quiet (torch's threads in every step) and oversubscribed (one thread) give the same bits."""

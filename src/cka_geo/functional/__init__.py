@@ -12,6 +12,8 @@ Pure functions on tensors, the torchmetrics way; the stateful accumulators
   pair at once, and CKA from summed terms.
 * :mod:`~cka_geo.functional.batched`: the bulk steps as few, large operations (grams from
   one stack, cross terms as chunked matmuls, memory-bound steps on one thread).
+* :mod:`~cka_geo.functional.blocks`: symmetric grams kept as their diagonal and upper
+  blocks (:attr:`BatchGrams.grams`), with their sums and Frobenius products.
 * :mod:`~cka_geo.functional.precision`: exact power-of-two rescaling and the round-off
   thresholds below which a representation counts as constant.
 """

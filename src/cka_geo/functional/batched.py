@@ -229,8 +229,9 @@ def fast_linear_grams(
             x = torch.sub(raw, mu * direct.logical_not().to(raw.dtype)[:, None, None],
                           out=raw if copied else work.buffer(tensors[0], count))
     # A small product is bound by its parallel region's barrier, not its work: one thread then
-    # when the machine is oversubscribed (and for a single layer, always; see one_thread).
-    with one_thread(single) if count * n * n * x.shape[-1] < _SMALL_PRODUCT else contextlib.nullcontext():
+    # when the machine is oversubscribed (a single layer runs on one thread always, inside
+    # GramBlocks.multiply; see one_thread).
+    with one_thread() if count * n * n * x.shape[-1] < _SMALL_PRODUCT else contextlib.nullcontext():
         out.multiply(x)
     with one_thread(single):
         diag = out.diagonal()
@@ -278,11 +279,14 @@ def frobenius(ka: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
     c = size // m
     head_a = flat_a[:, : c * m].unflatten(1, (c, m)).transpose(0, 1)  # (c, L_A, m), a view
     head_b = flat_b[:, : c * m].unflatten(1, (c, m)).permute(1, 2, 0)  # (c, m, L_B), a view
-    # A small product is memory-bound: one thread, whatever the load (its batch of chunks can be
-    # one, see one_thread); else torch's setting.
-    with one_thread(always=True) if la * lb * size < _SMALL_PRODUCT else contextlib.nullcontext():
+    # One thread, whatever the load, for a small product (memory-bound) and for a batch of one
+    # chunk, which torch may split along its inner dimension by thread (see one_thread); else
+    # torch's setting. The remainder (under FROB_TERMS entries) is one such product: one thread.
+    small = la * lb * size < _SMALL_PRODUCT or c == 1
+    with one_thread(always=True) if small else contextlib.nullcontext():
         out = torch.bmm(head_a, head_b).sum(0, dtype=torch.float64)
-        if c * m < size:
+    if c * m < size:
+        with one_thread(always=True):
             out += (flat_a[:, c * m :] @ flat_b[:, c * m :].T).to(torch.float64)
     return out
 

@@ -21,9 +21,11 @@ alone): 0.84x the time of the full grams at 256 rows, 0.80x at 512, 0.70x at 102
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from cka_geo.functional.batched import frobenius
+from cka_geo.functional.batched import frobenius, one_thread
 
 #: Fewest rows for two parts, and for four (each part at least 64 rows).
 TWO_PARTS, FOUR_PARTS = 128, 512
@@ -106,9 +108,13 @@ class GramBlocks:
         """Fill the blocks with X Xᵀ of the (L, n, p) features ``x`` (a stack with unit column stride)."""
         h, m = self.h, self.parts
         xs = x.reshape(self.count * m, h, x.shape[-1])
-        torch.bmm(xs, xs.transpose(1, 2), out=self.diag.view(self.count * m, h, h))
-        for i, u in enumerate(self.upper):
-            torch.bmm(x[:, i * h : (i + 1) * h], x[:, (i + 1) * h :].transpose(1, 2), out=u)
+        # A product with a batch of one may be split along its inner dimension by thread (other
+        # bits than the same product inside a larger batch): one layer runs on one thread, so
+        # identical features give identical grams in stacks of any size (see one_thread).
+        with one_thread(always=True) if self.count == 1 else contextlib.nullcontext():
+            torch.bmm(xs, xs.transpose(1, 2), out=self.diag.view(self.count * m, h, h))
+            for i, u in enumerate(self.upper):
+                torch.bmm(x[:, i * h : (i + 1) * h], x[:, (i + 1) * h :].transpose(1, 2), out=u)
 
     def diagonal(self) -> torch.Tensor:
         """The grams' diagonals as an (L, m, h) view."""
@@ -161,7 +167,8 @@ class GramBlocks:
 
     def to(self, device: torch.device | str) -> GramBlocks:
         """The same grams on ``device`` (``self`` if already there)."""
-        if self.device == torch.device(device):
+        target = torch.device(device)
+        if target.type == self.device.type and target.index in (None, self.device.index):
             return self
         out = GramBlocks.empty(self.count, self.n, self.parts, self.dtype, device)
         out.diag.copy_(self.diag)

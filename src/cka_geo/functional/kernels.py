@@ -76,15 +76,14 @@ def squared_distances(x: torch.Tensor, out: torch.Tensor | None = None) -> torch
     xc = center_features(x)
     sq = (xc * xc).sum(-1)
     xt = xc.transpose(-1, -2)
-    # ‖x_i‖² − 2 x_i·x_j in the matmul's own pass, then + ‖x_j‖²: two passes over the n² entries.
+    # ‖x_i‖² + ‖x_j‖² (symmetric, one pass), then − 2 x_i·x_j added by the matmul itself.
+    d = torch.add(sq.unsqueeze(-1), sq.unsqueeze(-2), out=out)
     if xc.ndim == 3:
-        d = torch.baddbmm(sq.unsqueeze(-1), xc, xt, alpha=-2, out=out)
+        d.baddbmm_(xc, xt, alpha=-2)
     elif xc.ndim == 2:
-        d = torch.addmm(sq.unsqueeze(-1), xc, xt, alpha=-2, out=out)
+        d.addmm_(xc, xt, alpha=-2)
     else:
-        d = sq.unsqueeze(-1) - 2 * (xc @ xt)
-        d = d if out is None else out.copy_(d)
-    d += sq.unsqueeze(-2)
+        d -= 2 * (xc @ xt)
     d = d.clamp_min_(0)
     d.diagonal(dim1=-2, dim2=-1).zero_()
     return d
@@ -101,7 +100,7 @@ def rbf_sigma(sq_dist: torch.Tensor, frac: float = DEFAULT_RBF_FRAC) -> torch.Te
 
     Args:
         sq_dist: Squared distances (…, n, n) from :func:`squared_distances`: symmetric,
-            non-negative, zero diagonal.
+            non-negative, finite, zero diagonal.
         frac: Fraction of the median distance (0.2, 0.4, 0.8 are common).
 
     Returns:

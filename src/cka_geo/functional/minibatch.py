@@ -402,7 +402,9 @@ def batch_terms(
     c1, c2, norm = _estimator_constants(ga.n, estimator)
     with full_fp32_matmul():
         frob = frobenius_blocks(ga.grams, gb.grams)
-    cross = (frob + c1 * torch.outer(ga.total, gb.total) - c2 * ga.rows @ gb.rows.T) / norm
+    with one_thread(always=True):  # a float64 product over n: torch may split it by thread
+        row_products = ga.rows @ gb.rows.T
+    cross = (frob + c1 * torch.outer(ga.total, gb.total) - c2 * row_products) / norm
     self_a = (ga.sq + c1 * ga.total.square() - c2 * ga.rows.square().sum(-1)) / norm
     self_b = self_a if self_compare else (gb.sq + c1 * gb.total.square() - c2 * gb.rows.square().sum(-1)) / norm
 
