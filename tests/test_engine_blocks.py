@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 import reference as ref
 from cka_geo.accumulator import MinibatchCKA
 from cka_geo.functional import blocks
-from cka_geo.functional.blocks import GramBlocks, frobenius_blocks, parts_for, split_full
+from cka_geo.functional.blocks import (
+    GramBlocks,
+    common_layout,
+    frobenius_blocks,
+    parts_for,
+    split_full,
+)
 
 
 def test_parts_follow_the_batch_size_and_divisibility():
@@ -58,7 +64,10 @@ def test_frobenius_of_blocks_is_the_float64_product_of_the_whole_grams(n, seed):
     assert ((got - want).abs() / scale).max().item() < 1e-6
     # Grams of other layouts (e.g. kept from a run with other thresholds) are compared whole.
     whole = split_full(kb.full(), 1)
-    assert ((frobenius_blocks(ka, whole) - want).abs() / scale).max().item() < 1e-6
+    with pytest.raises(ValueError, match="parts"):
+        frobenius_blocks(ka, whole)
+    got_whole = frobenius_blocks(*common_layout(ka, whole))
+    assert ((got_whole - want).abs() / scale).max().item() < 1e-6
 
 
 def test_bit_identical_grams_are_found_in_every_piece():
@@ -184,3 +193,19 @@ def test_reused_buffers_across_batch_sizes_give_each_batch_its_own_terms():
         one = alone.compute()
         assert np.array_equal(res.batch_cross[k], one.batch_cross[0])
         assert np.array_equal(res.batch_self_a[k], one.batch_self_a[0])
+
+
+def test_grams_of_two_layouts_give_the_same_terms_and_identical_ones_still_cka_one():
+    import dataclasses
+
+    from cka_geo.functional.minibatch import batch_grams, batch_terms
+
+    g = torch.Generator().manual_seed(3)
+    feats = {f"a{i}": torch.randn(256, 12, generator=g) + i for i in range(3)}
+    ga = batch_grams(feats)
+    assert ga.grams.parts == 2
+    gb = dataclasses.replace(ga, grams=split_full(ga.grams.full(), 1))  # the same grams, whole
+    same, mixed = batch_terms(ga, batch_grams(feats)), batch_terms(ga, gb)
+    scale = torch.outer(same.self_a, same.self_a).sqrt()  # CKA units: the cross term over its norms
+    assert ((mixed.cross - same.cross).abs() / scale).max().item() < 1e-6
+    assert torch.equal(mixed.cross.diagonal(), mixed.self_a)  # found bit-identical across layouts

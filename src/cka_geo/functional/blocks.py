@@ -99,11 +99,6 @@ class GramBlocks:
         """Views of the layers ``start:stop``."""
         return GramBlocks(self.diag[start:stop], [u[start:stop] for u in self.upper])
 
-    def pieces(self) -> list[tuple[torch.Tensor, float]]:
-        """Every piece as (L, entries) with its weight in ⟨K, L⟩_F (1 on the diagonal, 2 above)."""
-        flat = [(self.diag.reshape(self.count, -1), 1.0)]
-        return flat + [(u.reshape(self.count, -1), 2.0) for u in self.upper]
-
     def multiply(self, x: torch.Tensor) -> None:
         """Fill the blocks with X Xᵀ of the (L, n, p) features ``x`` (a stack with unit column stride)."""
         h, m = self.h, self.parts
@@ -189,10 +184,22 @@ def split_full(k: torch.Tensor, parts: int) -> GramBlocks:
     return out
 
 
+def common_layout(a: GramBlocks, b: GramBlocks) -> tuple[GramBlocks, GramBlocks]:
+    """``a`` and ``b`` in the same parts: as they are, or both whole when they differ (only
+    grams made by hand or kept from other thresholds; the engine cuts a batch's grams alike)."""
+    if a.parts == b.parts:
+        return a, b
+    return split_full(a.full(), 1), split_full(b.full(), 1)
+
+
 def frobenius_blocks(a: GramBlocks, b: GramBlocks) -> torch.Tensor:
-    """All ⟨K_a, K_b⟩_F, (L_A, L_B) float64: the diagonal blocks' products plus twice the upper ones'."""
-    if a.parts != b.parts:  # e.g. grams kept from another kernel's layout: compare them whole
-        a, b = split_full(a.full(), 1), split_full(b.full(), 1)
+    """All ⟨K_a, K_b⟩_F, (L_A, L_B) float64: the diagonal blocks' products plus twice the upper ones'.
+
+    Raises:
+        ValueError: ``a`` and ``b`` are cut into different parts (see :func:`common_layout`).
+    """
+    if a.parts != b.parts:
+        raise ValueError(f"grams in {a.parts} and {b.parts} parts: bring them to one layout first (common_layout)")
     out = frobenius(a.diag, b.diag)
     if a.upper:
         upper = sum(frobenius(u, v) for u, v in zip(a.upper, b.upper, strict=True))
@@ -200,4 +207,4 @@ def frobenius_blocks(a: GramBlocks, b: GramBlocks) -> torch.Tensor:
     return out
 
 
-__all__ = ["FOUR_PARTS", "TWO_PARTS", "GramBlocks", "frobenius_blocks", "parts_for", "split_full"]
+__all__ = ["FOUR_PARTS", "TWO_PARTS", "GramBlocks", "common_layout", "frobenius_blocks", "parts_for", "split_full"]

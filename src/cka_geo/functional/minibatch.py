@@ -40,7 +40,7 @@ import torch
 
 from cka_geo.errors import FeatureError, UsageError
 from cka_geo.functional.batched import GramWork, fast_linear_grams, one_thread, scaled_stack
-from cka_geo.functional.blocks import GramBlocks, frobenius_blocks, parts_for
+from cka_geo.functional.blocks import GramBlocks, common_layout, frobenius_blocks, parts_for
 from cka_geo.functional.kernels import check_kernel, gram_rbf, min_samples
 from cka_geo.functional.precision import constant_tol, noise_tol
 
@@ -400,8 +400,9 @@ def batch_terms(
     if ga.n != gb.n:
         raise FeatureError(f"model A has {ga.n} samples in this batch but model B has {gb.n}")
     c1, c2, norm = _estimator_constants(ga.n, estimator)
+    ka, kb = common_layout(ga.grams, gb.grams)
     with full_fp32_matmul():
-        frob = frobenius_blocks(ga.grams, gb.grams)
+        frob = frobenius_blocks(ka, kb)
     with one_thread(always=True):  # a float64 product over n: torch may split it by thread
         row_products = ga.rows @ gb.rows.T
     cross = (frob + c1 * torch.outer(ga.total, gb.total) - c2 * row_products) / norm
@@ -426,7 +427,7 @@ def batch_terms(
             _raise_nonfinite(ga, self_a, "A", batch)
         _raise_nonfinite(gb, self_b, "B", batch)
     if any_same:
-        _identical_to_self(cross, self_a, ga.grams, gb.grams, same, self_compare)
+        _identical_to_self(cross, self_a, ka, kb, same, self_compare)
     cross = cross.masked_fill(deg_a[:, None] | deg_b[None, :], 0.0)
     self_a = self_a.masked_fill(deg_a, 0.0)
     self_b = self_a if self_compare else self_b.masked_fill(deg_b, 0.0)
@@ -448,7 +449,7 @@ def _identical_to_self(
     self_compare: bool,
 ) -> None:
     """Set ``cross[i, j] = self_a[i]`` (⟨K, K⟩ by the self term's arithmetic) where gram i of
-    A is bit-identical to gram j of B, for the candidate pairs in ``same``.
+    A is bit-identical to gram j of B, for the candidate pairs in ``same`` (grams of one layout).
 
     The grams of the candidates are compared in chunks of at most :data:`STACK_BYTES`, with
     no host sync beyond finding the candidates (A against itself needs no comparison on the
@@ -459,7 +460,7 @@ def _identical_to_self(
     step = max(1, STACK_BYTES // per_gram)
     for start in range(0, i.numel(), step):
         ii, jj = i[start : start + step], j[start : start + step]
-        equal = ka.equal(ii, kb, jj) if ka.parts == kb.parts else (ka.full()[ii] == kb.full()[jj]).flatten(1).all(1)
+        equal = ka.equal(ii, kb, jj)
         if self_compare:
             equal |= ii == jj
         cross[ii, jj] = torch.where(equal, self_a[ii], cross[ii, jj])
