@@ -12,8 +12,16 @@ from hypothesis import strategies as st
 
 import reference as ref
 from cka_geo.accumulator import MinibatchCKA
-from cka_geo.functional import batched, rbf_sigma
-from cka_geo.functional.batched import GramWork, as_stack, fast_linear_grams, frobenius, one_thread
+from cka_geo.errors import FeatureError
+from cka_geo.functional import batched, minibatch, rbf_sigma
+from cka_geo.functional.batched import (
+    GramWork,
+    as_stack,
+    fast_checks,
+    fast_linear_grams,
+    frobenius,
+    one_thread,
+)
 from cka_geo.functional.blocks import GramBlocks, parts_for
 
 
@@ -86,19 +94,45 @@ def test_as_stack_views_one_buffer_without_a_copy_and_refuses_other_layouts():
     assert as_stack([buf[:, :, :2][0], buf[:, :, :2][1]]) is None  # not contiguous
 
 
-def test_an_offset_its_first_rows_hide_is_found_and_the_layer_redone_centred():
-    # The first 32 rows swing +-2c around 0 (a wide spread against the mean), the other 480
-    # sit at c: the head rows call the offset small, the gram's own diagonal shows it is not.
+@pytest.mark.parametrize("case", ["offset hidden", "sample off-centre"])
+def test_a_shift_its_sampled_rows_misjudge_is_found_from_the_gram_and_the_layer_redone_centred(monkeypatch, case):
+    # The 16 sampled rows (every 32nd of 512) either swing +-2c around 0 ("offset hidden": the
+    # sample sees no offset, the gram keeps all of it) or sit 5 away from the rest ("sample
+    # off-centre": the shift misses the mean). The gram's own sum shows the offset it kept.
     n, p, c = 512, 6, 3.0
     x = np.full((n, p), c, dtype=np.float32) + 1e-3 * np.random.default_rng(0).standard_normal((n, p)).astype(np.float32)
-    x[:32] = 2 * c * np.where(np.arange(32)[:, None] % 2, 1.0, -1.0)
+    if case == "offset hidden":
+        x[::32] = 2 * c * np.where(np.arange(16)[:, None] % 2, 1.0, -1.0)
+    else:
+        x[::32] += 5.0
     y = model(1, n, [5], 0.0, 1.0)[0]
-    t = torch.from_numpy(x)
-    _, _, redo = fast_linear_grams([t, torch.from_numpy(y[:, :1].repeat(6, 1))], GramBlocks.empty(2, n, parts_for(n), torch.float32, "cpu"), GramWork())
-    assert redo == [0]
+    out = GramBlocks.empty(2, n, parts_for(n), torch.float32, "cpu")
+    trace, shift_sq, peak = fast_linear_grams([torch.from_numpy(x), torch.from_numpy(y[:, :1].repeat(6, 1))], out, GramWork())
+    assert (shift_sq[0].item() > 0) == (case == "sample off-centre")
+    _, redo = fast_checks(trace, shift_sq, peak, out.row_sums().sum(-1), n, 1e-5)
+    assert redo.tolist() == [True, False]
+    redone: list[list[int]] = []
+    general = minibatch._general_grams
+    monkeypatch.setattr(minibatch, "_general_grams", lambda t, idx, *a: (redone.append(idx), general(t, idx, *a)))
     got = engine([[x]], [[y]])[0, 0]
+    assert redone == [[0]]
     want = ref.minibatch_cka_matrix([[c64(x)]], [[c64(y)]])[0, 0]
     assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_a_layer_with_an_offset_is_shifted_by_its_sampled_rows_and_kept():
+    # The common case needs no redo: the shift leaves about ||X_c||^2 / 16 of offset.
+    x = model(3, 256, [64], 10.0, 1.0)[0]
+    out = GramBlocks.empty(1, 256, parts_for(256), torch.float32, "cpu")
+    trace, shift_sq, peak = fast_linear_grams([torch.from_numpy(x)], out, GramWork())
+    residual = out.row_sums().sum(-1) / 256
+    centred = trace - residual
+    assert shift_sq.item() > 100 * centred.item()  # the offset was large
+    assert 0 < residual.item() < 0.25 * centred.item()
+    x64 = x.astype(np.float64)
+    assert centred.item() == pytest.approx(np.square(x64 - x64.mean(0)).sum(), rel=1e-5)
+    constant, redo = fast_checks(trace, shift_sq, peak, residual * 256, 256, 1e-5)
+    assert redo.tolist() == [False] and constant.tolist() == [False]
 
 
 @pytest.mark.parametrize("n, terms", [(300, 8192), (64, 8192), (37, 100), (16, 1)])
@@ -190,3 +224,19 @@ def test_the_thread_count_of_the_memory_bound_steps_changes_no_bit(monkeypatch, 
         torch.set_num_threads(threads)
     for x, y in zip(*sums, strict=True):
         assert torch.equal(x, y)
+
+
+def test_layers_of_several_widths_sent_back_together_are_redone_one_width_at_a_time():
+    # Magnitudes outside the fast path's safe range in layers of two widths (and one in range
+    # between them): all sent back by one check, redone in stacks of one width each.
+    ba = [[x * s for x, s in zip(model(40 + i, 48, [8, 16, 8, 16], 0.5, 1.0), (1e30, 1e-30, 1.0, 1e25), strict=True)]
+          for i in range(2)]
+    bb = [model(60 + i, 48, [12], 0.0, 1.0) for i in range(2)]
+    got = engine(ba, bb)
+    want = ref.minibatch_cka_matrix([[c64(x) for x in f] for f in ba], [[c64(y) for y in f] for f in bb])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    bad = [[x.copy() for x in f] for f in ba]
+    bad[1][0][3, 2] = np.nan
+    bad[1][1][5, 1] = np.inf
+    with pytest.raises(FeatureError, match=r"layer 'a0' of model A has NaN or Inf.*batch 2"):
+        engine(bad, bb)

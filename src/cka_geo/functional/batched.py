@@ -4,7 +4,9 @@
   stack: with features that already lie in one buffer (consecutive (n, p) slices of an
   (L, n, p) tensor, as :func:`cka_geo.features.hooks.capture` gives them) there is no
   stacking copy; layers with a small offset need no centering pass either, the others are
-  centred in one pass; no scaling pass where the grams' magnitudes are safe.
+  shifted in one pass by the mean of a few sampled rows (no column sums of the whole batch),
+  what each gram kept checked from its own sums (:func:`fast_checks`); no scaling pass where
+  the grams' magnitudes are safe.
 * :func:`frobenius`: every ⟨K_a, K_b⟩_F of two gram stacks as a few large matmuls over
   chunks of the n² gram entries, each float32 partial summing :data:`FROB_TERMS` terms at
   most, the partials added in float64.
@@ -17,8 +19,10 @@ loops and one small matmul per gram row (n of them per batch) made the engine 20
 under one competing process. Here a batch costs a fixed handful of regions per width.
 
 Where float32 is safe (the float64 guarantee is about the sums and the HSIC terms): the
-features are centred before the gram where they have an offset (no cancellation against
-it; H K H = X_c X_cᵀ, Kornblith et al. 2019), scaled by an exact power of two (no under- or
+features are shifted before the gram where they have an offset, by the mean of a few of
+their rows, or centred where that shift would leave more than a bit of offset in the gram (no
+cancellation against it; U-centering annihilates a shift, and H K H = X_c X_cᵀ, Kornblith et
+al. 2019), scaled by an exact power of two (no under- or
 overflow; unscaled wherever the gram's diagonal is within [2⁻⁴⁰, 2⁴⁰], which leaves every
 float32 intermediate far inside its normal range), and every float32 sum runs over at most a few thousand terms of like size, whose
 relative rounding error (≈ √m · 2⁻²⁴ for m terms) stays far below the 1e-6 stated for float32
@@ -52,8 +56,10 @@ FROB_TERMS = 8192
 _LOW, _HIGH = 2.0**-40, 2.0**40
 # Multiply-adds under which the cross product runs on one thread (36 x 36 layers at n <= 128).
 _SMALL_PRODUCT = 1 << 25
-# Rows whose spread around the batch mean decides whether a layer's offset is small.
-_HEAD = 32
+# Fewest gram entries per chunk when a Frobenius product is cut in two for the threads.
+_HALF_CHUNK = 1024
+# Rows, evenly spaced through the batch, whose mean shifts a layer with an offset.
+_HEAD = 16
 
 
 def as_stack(tensors: list[torch.Tensor]) -> torch.Tensor | None:
@@ -173,19 +179,21 @@ class GramWork:
 
 def fast_linear_grams(
     tensors: list[torch.Tensor], out: GramBlocks, work: GramWork
-) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Linear grams of one width's features of one batch into ``out``, unscaled.
 
     The features (all of the grams' dtype) are used as one (L, n, p) stack: their own
-    buffer when they lie in one (no copy), else one stacking copy into ``work``. A layer
-    whose offset is small has its gram made from its features as they are; the others are
-    centred first (one pass for all of them). Both grams give the same HSIC in exact
-    arithmetic: U-centering (and H · H for the biased estimator) annihilates the row and
-    column terms an offset adds to X Xᵀ. In float32 an uncentred gram is kept only when its
-    offset holds at most as much energy as its centred features (n ‖μ‖² ≤ ‖X_c‖²: at most a
-    bit lost to cancellation). The choice is made per layer from its own features (the
-    offset against the spread of the first :data:`_HEAD` rows, a pure function of the
-    batch), so identical features give bit-identical grams in every model and wrapper.
+    buffer when they lie in one (no copy), else one stacking copy into ``work``. Each layer
+    whose offset is large against its spread is shifted by the mean c of :data:`_HEAD` of its
+    rows, evenly spaced through the batch (one pass for all of them: no column sums of the
+    whole batch); the others keep their own values (x − 0 is x exactly). Both give the same
+    HSIC in exact arithmetic: U-centering (and H · H for the biased estimator) annihilates the
+    row and column terms a shift adds to X Xᵀ. In float32 the shifted gram keeps a residual
+    offset n ‖μ − c‖², about ‖X_c‖² / :data:`_HEAD`; :func:`fast_checks` reads what each
+    gram kept from its own sums and sends a layer whose residual exceeds its centred energy
+    (more than a bit lost to cancellation) to the scaled, centred path. Every choice is a pure
+    function of the layer's own batch, so identical features give bit-identical grams in
+    every model and wrapper.
 
     Args:
         tensors: L features (n, p) of one width and of ``out``'s dtype.
@@ -193,10 +201,9 @@ def fast_linear_grams(
         work: Work buffers.
 
     Returns:
-        ``(centred_sq, offset_sq, redo)``: (L,) float64 ‖X_c‖² and n ‖μ‖², and the
-        positions of the layers to redo by the scaled, centred path: a gram whose diagonal
-        left the safe range [2⁻⁴⁰, 2⁴⁰] (features far from unit magnitude, constant, NaN
-        or Inf), or an uncentred gram that met a larger offset than its head rows showed.
+        ``(trace, shift_sq, peak)``: (L,) float64 ‖X − 1cᵀ‖² (the grams' traces), n ‖c‖²
+        (0 for layers not shifted) and max_i ‖x_i − c‖² (the largest diagonal entry), for
+        :func:`fast_checks` once the grams' sums are known.
     """
     count, (n, _) = len(tensors), tensors[0].shape
     raw = as_stack(tensors)
@@ -208,26 +215,19 @@ def fast_linear_grams(
             for j, t in enumerate(tensors):  # faster than torch.stack's cat for a few large inputs
                 raw[j].copy_(t)
     with one_thread(single):
-        # Column sums as a matmul: one read of the stack, a BLAS call rather than a strided sum.
-        ones = torch.ones((count, 1, n), dtype=raw.dtype, device=raw.device)
-        mu = torch.bmm(ones, raw).div_(n)
-        offset_sq = n * mu.square().sum((1, 2)).to(torch.float64)
-        # The head rows' spread around the batch mean, Σ_i ‖x_i − μ‖² = Σ_i ‖x_i‖² − 2 μ·Σ_i x_i + h ‖μ‖²,
-        # from one norm and one small matmul: no (L, h, p) temporaries (the difference and its
-        # square took 1.5 ms of a 64-row batch's 3.3 ms). It only chooses between two paths that
-        # are exact in arithmetic; cancellation in it (a large offset) still leaves it far below
-        # the offset, and an uncentred gram that meets more offset than it showed is redone.
-        head = min(n, _HEAD)
-        rows = raw[:, :head]
-        energy = torch.linalg.vector_norm(rows, dim=(1, 2)).to(torch.float64).square()
-        mu64 = mu.to(torch.float64)
-        head_dot = (torch.bmm(ones[:, :, :head], rows).to(torch.float64) * mu64).sum((1, 2))
-        spread = (energy - 2 * head_dot + head * mu64.square().sum((1, 2))) * (n / head)
-        direct = offset_sq <= 0.25 * spread
+        # The sampled rows' mean and spread only choose between two paths that are exact in
+        # arithmetic (a small view, no pass over the batch); the gram's own sums check the choice.
+        head = raw[:, :: max(1, n // _HEAD)][:, :_HEAD]
+        c = head.mean(1, keepdim=True)
+        spread = (head - c).square().sum((1, 2)) * (n / head.shape[1])
+        shifted = n * c.square().sum((1, 2)) > 0.25 * spread
         x = raw
-        if not bool(direct.all()):  # x − 0 is x exactly: the direct layers keep their own values
-            x = torch.sub(raw, mu * direct.logical_not().to(raw.dtype)[:, None, None],
-                          out=raw if copied else work.buffer(tensors[0], count))
+        if bool(shifted.any()):
+            c = c * shifted.to(raw.dtype)[:, None, None]
+            x = torch.sub(raw, c, out=raw if copied else work.buffer(tensors[0], count))
+            shift_sq = n * c.square().sum((1, 2)).to(torch.float64)
+        else:
+            shift_sq = torch.zeros(count, dtype=torch.float64, device=raw.device)
     # A small product is bound by its parallel region's barrier, not its work: one thread then
     # when the machine is oversubscribed (a single layer runs on one thread always, inside
     # GramBlocks.multiply; see one_thread).
@@ -235,11 +235,36 @@ def fast_linear_grams(
         out.multiply(x)
     with one_thread(single):
         diag = out.diagonal()
-        sq = diag.sum((-2, -1), dtype=torch.float64)
+        trace = diag.sum((-2, -1), dtype=torch.float64)
         peak = diag.amax((-2, -1)).to(torch.float64)
-        centred_sq = torch.where(direct, sq - offset_sq, sq)  # ‖X‖² = ‖X_c‖² + n ‖μ‖²
-        bad = ~((peak >= _LOW) & (peak <= _HIGH)) | (direct & (offset_sq > centred_sq))  # NaN: bad
-    return centred_sq, offset_sq, bad.nonzero().flatten().tolist()  # one host sync
+    return trace, shift_sq, peak
+
+
+def fast_checks(
+    trace: torch.Tensor, shift_sq: torch.Tensor, peak: torch.Tensor, sum_all: torch.Tensor, n: int, tau: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`fast_linear_grams`' grams kept, from their own sums: (constant, redo) per layer.
+
+    With K = (X − 1cᵀ)(X − 1cᵀ)ᵀ, its sum 1ᵀK1 = n² ‖μ − c‖² gives the residual offset
+    r = n ‖μ − c‖² the gram kept, and its trace less r the centred energy ‖X_c‖². A layer is
+    redone by the scaled, centred path when its largest diagonal entry left the safe range
+    [2⁻⁴⁰, 2⁴⁰] (features far from unit magnitude, constant, NaN or Inf) or r exceeds ‖X_c‖².
+    The constant rule is ‖X_c‖² ≤ τ² E with E = ‖X − 1cᵀ‖² + n ‖c‖² (‖X‖² for a layer not
+    shifted; for a shifted one it differs from ‖X‖² by 2n c·(μ − c), a relative O(τ) where
+    the rule decides).
+
+    Args:
+        trace: (L,) float64 traces of the grams (their diagonals before any zeroing).
+        shift_sq: (L,) float64 n ‖c‖².
+        peak: (L,) float64 largest diagonal entries.
+        sum_all: (L,) float64 1ᵀK1 of the whole grams, diagonal included.
+        n: Rows of the batch.
+        tau: The constant rule's τ.
+    """
+    residual = sum_all / n
+    centred = trace - residual
+    redo = ~((peak >= _LOW) & (peak <= _HIGH)) | ~(residual <= centred)  # NaN: redo
+    return centred <= tau**2 * (trace + shift_sq), redo
 
 
 def scaled_stack(chunk: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -276,14 +301,22 @@ def frobenius(ka: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
     flat_a, flat_b = ka.reshape(la, -1), kb.reshape(lb, -1)
     size = flat_a.shape[1]
     m = min(size, FROB_TERMS)
+    if m == size and size >= 2 * _HALF_CHUNK:  # two chunks rather than one: a batch of two runs on both threads
+        m = size // 2
     c = size // m
     head_a = flat_a[:, : c * m].unflatten(1, (c, m)).transpose(0, 1)  # (c, L_A, m), a view
     head_b = flat_b[:, : c * m].unflatten(1, (c, m)).permute(1, 2, 0)  # (c, m, L_B), a view
-    # One thread, whatever the load, for a small product (memory-bound) and for a batch of one
-    # chunk, which torch may split along its inner dimension by thread (see one_thread); else
-    # torch's setting. The remainder (under FROB_TERMS entries) is one such product: one thread.
-    small = la * lb * size < _SMALL_PRODUCT or c == 1
-    with one_thread(always=True) if small else contextlib.nullcontext():
+    # A batch of one chunk, which torch may split along its inner dimension by thread, and a
+    # single output run on one thread whatever the load (see one_thread); a small product
+    # (bound by its parallel region's barrier) on one thread when the machine is
+    # oversubscribed. A batch of two or more chunks is split along the batch: the same bits on
+    # any thread count. The remainder (under FROB_TERMS entries) is a batch of one: one thread.
+    threads: contextlib.AbstractContextManager[None]
+    if c == 1 or la * lb == 1:
+        threads = one_thread(always=True)
+    else:
+        threads = one_thread() if la * lb * size < _SMALL_PRODUCT else contextlib.nullcontext()
+    with threads:
         out = torch.bmm(head_a, head_b).sum(0, dtype=torch.float64)
     if c * m < size:
         with one_thread(always=True):
@@ -291,5 +324,5 @@ def frobenius(ka: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = ["FROB_TERMS", "GramWork", "as_stack", "fast_linear_grams", "frobenius", "one_thread", "oversubscribed",
+__all__ = ["FROB_TERMS", "GramWork", "as_stack", "fast_checks", "fast_linear_grams", "frobenius", "one_thread", "oversubscribed",
            "scaled_stack"]

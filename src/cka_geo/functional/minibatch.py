@@ -20,8 +20,8 @@ with HSIC the unbiased HSIC_1 of Song et al. (2012) by default. Two pure steps p
 ``CKAMonitor``) only sum these terms.
 
 Numerics (:mod:`cka_geo.functional.precision`): features are scaled by a power of two per
-layer and batch (exact) where their magnitude needs it, and mean-centred before the gram
-where they have an offset (:mod:`cka_geo.functional.batched`); the HSIC terms are scaled
+layer and batch (exact) where their magnitude needs it, and shifted by a sampled mean, or
+centred, before the gram where they have an offset (:mod:`cka_geo.functional.batched`); the HSIC terms are scaled
 back in float64. A batch of a layer that is constant within round-off, or whose self term is at the
 round-off level of its gram, contributes exactly 0 (its true value, or indistinguishable
 from it); bit-identical grams give cross terms equal to their self terms, so identical
@@ -39,7 +39,13 @@ import numpy as np
 import torch
 
 from cka_geo.errors import FeatureError, UsageError
-from cka_geo.functional.batched import GramWork, fast_linear_grams, one_thread, scaled_stack
+from cka_geo.functional.batched import (
+    GramWork,
+    fast_checks,
+    fast_linear_grams,
+    one_thread,
+    scaled_stack,
+)
 from cka_geo.functional.blocks import GramBlocks, common_layout, frobenius_blocks, parts_for
 from cka_geo.functional.kernels import check_kernel, gram_rbf, min_samples
 from cka_geo.functional.precision import constant_tol, noise_tol
@@ -254,20 +260,57 @@ def batch_grams(
     tensors = list(feats.values())
     n, device = tensors[0].shape[0], tensors[0].device
     dtype = gram_dtype_for(tensors, gram_dtype)
-    out = GramBlocks.empty(len(tensors), n, parts_for(n, kernel), dtype, device, reuse=out)
-    scale = torch.empty(len(tensors), dtype=torch.float64, device=device)
-    constant = torch.empty(len(tensors), dtype=torch.bool, device=device)
-    sigma = torch.empty(len(tensors), dtype=torch.float64, device=device) if kernel == "rbf" else None
+    count = len(tensors)
+    out = GramBlocks.empty(count, n, parts_for(n, kernel), dtype, device, reuse=out)
+    scale = torch.ones(count, dtype=torch.float64, device=device)
+    constant = torch.zeros(count, dtype=torch.bool, device=device)
+    sigma = torch.empty(count, dtype=torch.float64, device=device) if kernel == "rbf" else None
     work = GramWork() if work is None else work
+    fast = _FastLayers(count, device)
     with full_fp32_matmul():
         for idx in _chunks(tensors, n, dtype):
-            _chunk_grams(tensors, idx, out, scale, constant, sigma, kernel, estimator, rbf_frac, dtype, work)
+            _chunk_grams(tensors, idx, out, scale, constant, sigma, kernel, estimator, rbf_frac, dtype, work, fast)
+    rows, sq = _sums(out, estimator)
+    if fast.idx:
+        # The fast path's grams are checked from their own sums (one host sync); the layers
+        # they send back are redone by the scaled, centred path and every sum taken again.
+        sum_all = rows.sum(-1) + (fast.trace if estimator == "unbiased" else 0.0)
+        is_const, redo = fast_checks(fast.trace, fast.shift_sq, fast.peak, sum_all, n, constant_tol(dtype))
+        constant = torch.where(fast.mask, is_const, constant)
+        again = (redo & fast.mask).nonzero().flatten().tolist()
+        if again:
+            with full_fp32_matmul():
+                for part in _chunks([tensors[i] for i in again], n, dtype):  # one width per stack
+                    layers = [again[j] for j in part]
+                    _general_grams(tensors, layers, out, scale, constant, sigma, kernel, estimator, rbf_frac, dtype)
+            rows, sq = _sums(out, estimator)
+    return BatchGrams(names, n, out, rows, rows.sum(-1), sq, scale, constant, sigma, kernel, feats)
+
+
+def _sums(out: GramBlocks, estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero the grams' diagonals (unbiased estimator); their float64 row sums and squared norms."""
     with one_thread():
         if estimator == "unbiased":
             out.diagonal().zero_()
-        rows = out.row_sums()  # at most n terms per float32 sum; no float64 copy of K
-        sq = out.squared_norm()
-    return BatchGrams(names, n, out, rows, rows.sum(-1), sq, scale, constant, sigma, kernel, feats)
+        return out.row_sums(), out.squared_norm()  # at most n terms per float32 sum; no float64 copy of K
+
+
+class _FastLayers:
+    """The layers of one batch made by :func:`fast_linear_grams`, and what it measured of them."""
+
+    def __init__(self, count: int, device: torch.device) -> None:
+        self.idx: list[int] = []
+        self.mask = torch.zeros(count, dtype=torch.bool, device=device)
+        self.trace, self.shift_sq, self.peak = torch.zeros(3, count, dtype=torch.float64, device=device)
+
+    def record(self, idx: list[int], trace: torch.Tensor, shift_sq: torch.Tensor, peak: torch.Tensor) -> None:
+        if idx == list(range(idx[0], idx[0] + len(idx))):  # consecutive: slices, no index tensor
+            where: slice | torch.Tensor = slice(idx[0], idx[0] + len(idx))
+        else:
+            where = torch.tensor(idx, device=self.mask.device)
+        self.trace[where], self.shift_sq[where], self.peak[where] = trace, shift_sq, peak
+        self.mask[where] = True
+        self.idx += idx
 
 
 def _chunks(tensors: list[torch.Tensor], n: int, dtype: torch.dtype) -> Iterator[list[int]]:
@@ -294,24 +337,37 @@ def _chunk_grams(
     rbf_frac: float,
     dtype: torch.dtype,
     work: GramWork,
+    fast: _FastLayers,
 ) -> None:
-    """Grams of the layers ``idx`` (one width) into ``out``; fills scale, constant, sigma."""
+    """Grams of the layers ``idx`` (one width) into ``out``: by the fast path (recorded in
+    ``fast``, checked once the sums are known) where it applies, else by the general one."""
     chunk = [tensors[i] for i in idx]
     if kernel == "linear" and all(t.dtype == dtype for t in chunk):
         consecutive = idx == list(range(idx[0], idx[0] + len(idx)))
         n = chunk[0].shape[0]
         target = (out.layers(idx[0], idx[0] + len(idx)) if consecutive
                   else GramBlocks.empty(len(idx), n, out.parts, dtype, out.device))
-        centred_sq, offset_sq, redo = fast_linear_grams(chunk, target, work)
-        sel = torch.tensor(idx, device=out.device)
+        fast.record(idx, *fast_linear_grams(chunk, target, work))
         if not consecutive:
             out.assign(idx, target)
-        scale[sel] = 1.0
-        constant[sel] = _constant(chunk, dtype, centred_sq, offset_sq)
-        idx = [idx[j] for j in redo]
-        if not idx:
-            return
-        chunk = [tensors[i] for i in idx]
+        return
+    _general_grams(tensors, idx, out, scale, constant, sigma, kernel, estimator, rbf_frac, dtype)
+
+
+def _general_grams(
+    tensors: list[torch.Tensor],
+    idx: list[int],
+    out: GramBlocks,
+    scale: torch.Tensor,
+    constant: torch.Tensor,
+    sigma: torch.Tensor | None,
+    kernel: str,
+    estimator: str,
+    rbf_frac: float,
+    dtype: torch.dtype,
+) -> None:
+    """Grams of the layers ``idx`` (one width) from scaled, centred features; fills scale, constant, sigma."""
+    chunk = [tensors[i] for i in idx]
     device = out.device
     single = len(idx) == 1  # reductions to one value: one thread whatever the load (see one_thread)
     with one_thread(single):
