@@ -240,3 +240,20 @@ def test_layers_of_several_widths_sent_back_together_are_redone_one_width_at_a_t
     bad[1][1][5, 1] = np.inf
     with pytest.raises(FeatureError, match=r"layer 'a0' of model A has NaN or Inf.*batch 2"):
         engine(bad, bb)
+
+
+def test_a_layer_redone_in_every_batch_keeps_the_others_sums_and_its_own_bits():
+    # A layer that does not depend on the input (peak 0: sent back every batch) between two
+    # that do: the other layers' sums are untouched, and the redone layer's sums are those it
+    # has when it is alone in a batch.
+    from cka_geo.functional.minibatch import batch_grams
+
+    for n in (64, 256, 512):
+        xs = model(7, n, [32, 32, 32], 3.0, 1.0)
+        xs[1] = np.full_like(xs[1], 2.5)  # constant: redone, flagged
+        xs[2] = xs[2] * np.float32(1e25)  # outside the safe range: redone, scaled
+        g = batch_grams({f"l{i}": torch.from_numpy(x) for i, x in enumerate(xs)})
+        assert g.constant.tolist() == [False, True, False]
+        for i, x in enumerate(xs):
+            alone = batch_grams({"x": torch.from_numpy(x)})
+            assert torch.equal(g.rows[i], alone.rows[0]) and torch.equal(g.sq[i], alone.sq[0]), (n, i)

@@ -58,7 +58,7 @@ _LOW, _HIGH = 2.0**-40, 2.0**40
 _SMALL_PRODUCT = 1 << 25
 # Fewest gram entries per chunk when a Frobenius product is cut in two for the threads.
 _HALF_CHUNK = 1024
-# Rows, evenly spaced through the batch, whose mean shifts a layer with an offset.
+# Most rows, evenly spaced through the batch, whose mean shifts a layer with an offset.
 _HEAD = 16
 
 
@@ -184,8 +184,8 @@ def fast_linear_grams(
 
     The features (all of the grams' dtype) are used as one (L, n, p) stack: their own
     buffer when they lie in one (no copy), else one stacking copy into ``work``. Each layer
-    whose offset is large against its spread is shifted by the mean c of :data:`_HEAD` of its
-    rows, evenly spaced through the batch (one pass for all of them: no column sums of the
+    whose offset is large against its spread is shifted by the mean c of at most :data:`_HEAD`
+    of its rows, evenly spaced through the batch (every ⌈n / 16⌉-th) (one pass for all of them: no column sums of the
     whole batch); the others keep their own values (x − 0 is x exactly). Both give the same
     HSIC in exact arithmetic: U-centering (and H · H for the biased estimator) annihilates the
     row and column terms a shift adds to X Xᵀ. In float32 the shifted gram keeps a residual
@@ -217,7 +217,7 @@ def fast_linear_grams(
     with one_thread(single):
         # The sampled rows' mean and spread only choose between two paths that are exact in
         # arithmetic (a small view, no pass over the batch); the gram's own sums check the choice.
-        head = raw[:, :: max(1, n // _HEAD)][:, :_HEAD]
+        head = raw[:, :: -(-n // _HEAD)]  # at most _HEAD rows, evenly spaced over the whole batch (a view)
         c = head.mean(1, keepdim=True)
         spread = (head - c).square().sum((1, 2)) * (n / head.shape[1])
         shifted = n * c.square().sum((1, 2)) > 0.25 * spread

@@ -273,7 +273,7 @@ def batch_grams(
     rows, sq = _sums(out, estimator)
     if fast.idx:
         # The fast path's grams are checked from their own sums (one host sync); the layers
-        # they send back are redone by the scaled, centred path and every sum taken again.
+        # they send back are redone by the scaled, centred path and their sums taken again.
         sum_all = rows.sum(-1) + (fast.trace if estimator == "unbiased" else 0.0)
         is_const, redo = fast_checks(fast.trace, fast.shift_sq, fast.peak, sum_all, n, constant_tol(dtype))
         constant = torch.where(fast.mask, is_const, constant)
@@ -283,7 +283,9 @@ def batch_grams(
                 for part in _chunks([tensors[i] for i in again], n, dtype):  # one width per stack
                     layers = [again[j] for j in part]
                     _general_grams(tensors, layers, out, scale, constant, sigma, kernel, estimator, rbf_frac, dtype)
-            rows, sq = _sums(out, estimator)
+            for i in again:  # the redone layers' sums alone (one layer's sums: its bits in any stack)
+                with one_thread(always=True):
+                    rows[i], sq[i] = (s[0] for s in _sums(out.layers(i, i + 1), estimator))
     return BatchGrams(names, n, out, rows, rows.sum(-1), sq, scale, constant, sigma, kernel, feats)
 
 
