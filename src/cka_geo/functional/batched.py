@@ -212,8 +212,7 @@ def fast_linear_grams(
     if raw is None:
         raw = work.buffer(tensors[0], count)
         with one_thread(single):
-            for j, t in enumerate(tensors):  # faster than torch.stack's cat for a few large inputs
-                raw[j].copy_(t)
+            torch.stack(tensors, out=raw)  # 0.82x a loop of copies at 64 rows, 0.9x at 256, alike at 1024
     with one_thread(single):
         # The sampled rows' mean and spread only choose between two paths that are exact in
         # arithmetic (a small view, no pass over the batch); the gram's own sums check the choice.
