@@ -257,3 +257,20 @@ def test_a_layer_redone_in_every_batch_keeps_the_others_sums_and_its_own_bits():
         for i, x in enumerate(xs):
             alone = batch_grams({"x": torch.from_numpy(x)})
             assert torch.equal(g.rows[i], alone.rows[0]) and torch.equal(g.sq[i], alone.sq[0]), (n, i)
+
+
+@pytest.mark.parametrize("dtypes, gram", [((torch.float32,) * 3, torch.float32), ((torch.float16, torch.float32, torch.bfloat16), torch.float32),
+                                          ((torch.float32, torch.float64, torch.float16), torch.float64)])
+def test_the_general_paths_one_stack_scales_like_each_layer_alone(dtypes, gram):
+    # The stack-then-max path against its per-layer definition: each layer scaled by the power
+    # of two that brings its own max |x| into [0.5, 1), cast exactly, then centred.
+    g = torch.Generator().manual_seed(5)
+    chunk = [(torch.randn(20, 7, generator=g) * m + 3 * m).to(d) for m, d in zip((1e-9, 1.0, 3e3), dtypes, strict=True)]
+    x, s, offset_sq = batched.scaled_stack(chunk, gram)
+    for j, t in enumerate(chunk):
+        _, e = torch.frexp(t.abs().amax().double())
+        assert s[j].item() == 2.0 ** -e.item()
+        want = t.to(gram) * s[j].to(gram)
+        mu = want.mean(0, keepdim=True)
+        assert torch.equal(x[j], want - mu)
+        assert offset_sq[j].item() == pytest.approx(20 * mu.double().square().sum().item(), rel=1e-6)
