@@ -185,8 +185,8 @@ def fast_linear_grams(
     The features (all of the grams' dtype) are used as one (L, n, p) stack: their own
     buffer when they lie in one (no copy), else one stacking copy into ``work``. Each layer
     whose offset is large against its spread is shifted by the mean c of at most :data:`_HEAD`
-    of its rows, evenly spaced through the batch (every ⌈n / 16⌉-th) (one pass for all of them: no column sums of the
-    whole batch); the others keep their own values (x − 0 is x exactly). Both give the same
+    of its rows, evenly spaced through the batch (every ⌈n / 16⌉-th; one pass for all of
+    them, no column sums of the whole batch); the others keep their own values (x − 0 is x exactly). Both give the same
     HSIC in exact arithmetic: U-centering (and H · H for the biased estimator) annihilates the
     row and column terms a shift adds to X Xᵀ. In float32 the shifted gram keeps a residual
     offset n ‖μ − c‖², about ‖X_c‖² / :data:`_HEAD`; :func:`fast_checks` reads what each
