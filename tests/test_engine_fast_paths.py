@@ -113,7 +113,7 @@ def test_a_shift_its_sampled_rows_misjudge_is_found_from_the_gram_and_the_layer_
     assert redo.tolist() == [True, False]
     redone: list[list[int]] = []
     general = minibatch._general_grams
-    monkeypatch.setattr(minibatch, "_general_grams", lambda t, idx, *a: (redone.append(idx), general(t, idx, *a)))
+    monkeypatch.setattr(minibatch, "_general_grams", lambda b, idx: (redone.append(idx), general(b, idx)))
     got = engine([[x]], [[y]])[0, 0]
     assert redone == [[0]]
     want = ref.minibatch_cka_matrix([[c64(x)]], [[c64(y)]])[0, 0]

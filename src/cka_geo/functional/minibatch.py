@@ -261,32 +261,52 @@ def batch_grams(
     n, device = tensors[0].shape[0], tensors[0].device
     dtype = gram_dtype_for(tensors, gram_dtype)
     count = len(tensors)
-    out = GramBlocks.empty(count, n, parts_for(n, kernel), dtype, device, reuse=out)
-    scale = torch.ones(count, dtype=torch.float64, device=device)
-    constant = torch.zeros(count, dtype=torch.bool, device=device)
-    sigma = torch.empty(count, dtype=torch.float64, device=device) if kernel == "rbf" else None
+    b = _Batch(
+        tensors, kernel, estimator, rbf_frac, dtype,
+        out=GramBlocks.empty(count, n, parts_for(n, kernel), dtype, device, reuse=out),
+        scale=torch.ones(count, dtype=torch.float64, device=device),
+        constant=torch.zeros(count, dtype=torch.bool, device=device),
+        sigma=torch.empty(count, dtype=torch.float64, device=device) if kernel == "rbf" else None,
+    )
+    out = b.out
     work = GramWork() if work is None else work
     fast = _FastLayers(count, device)
     with full_fp32_matmul():
         for idx in _chunks(tensors, n, dtype):
-            _chunk_grams(tensors, idx, out, scale, constant, sigma, kernel, estimator, rbf_frac, dtype, work, fast)
+            _chunk_grams(b, idx, work, fast)
     rows, sq = _sums(out, estimator)
     if fast.idx:
         # The fast path's grams are checked from their own sums (one host sync); the layers
         # they send back are redone by the scaled, centred path and their sums taken again.
         sum_all = rows.sum(-1) + (fast.trace if estimator == "unbiased" else 0.0)
         is_const, redo = fast_checks(fast.trace, fast.shift_sq, fast.peak, sum_all, n, constant_tol(dtype))
-        constant = torch.where(fast.mask, is_const, constant)
+        b.constant = torch.where(fast.mask, is_const, b.constant)
         again = (redo & fast.mask).nonzero().flatten().tolist()
         if again:
             with full_fp32_matmul():
                 for part in _chunks([tensors[i] for i in again], n, dtype):  # one width per stack
                     layers = [again[j] for j in part]
-                    _general_grams(tensors, layers, out, scale, constant, sigma, kernel, estimator, rbf_frac, dtype)
+                    _general_grams(b, layers)
             for i in again:  # the redone layers' sums alone (one layer's sums: its bits in any stack)
                 with one_thread(always=True):
                     rows[i], sq[i] = (s[0] for s in _sums(out.layers(i, i + 1), estimator))
-    return BatchGrams(names, n, out, rows, rows.sum(-1), sq, scale, constant, sigma, kernel, feats)
+    return BatchGrams(names, n, out, rows, rows.sum(-1), sq, b.scale, b.constant, b.sigma, kernel, feats)
+
+
+@dataclass
+class _Batch:
+    """One model's batch while its grams are made: its features and settings, and what each
+    layer gets (its gram in ``out``, its scale, constant flag and RBF sigma)."""
+
+    tensors: list[torch.Tensor]
+    kernel: str
+    estimator: str
+    rbf_frac: float
+    dtype: torch.dtype
+    out: GramBlocks
+    scale: torch.Tensor
+    constant: torch.Tensor
+    sigma: torch.Tensor | None
 
 
 def _sums(out: GramBlocks, estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,24 +347,11 @@ def _chunks(tensors: list[torch.Tensor], n: int, dtype: torch.dtype) -> Iterator
             yield members[start : start + step]
 
 
-def _chunk_grams(
-    tensors: list[torch.Tensor],
-    idx: list[int],
-    out: GramBlocks,
-    scale: torch.Tensor,
-    constant: torch.Tensor,
-    sigma: torch.Tensor | None,
-    kernel: str,
-    estimator: str,
-    rbf_frac: float,
-    dtype: torch.dtype,
-    work: GramWork,
-    fast: _FastLayers,
-) -> None:
-    """Grams of the layers ``idx`` (one width) into ``out``: by the fast path (recorded in
+def _chunk_grams(b: _Batch, idx: list[int], work: GramWork, fast: _FastLayers) -> None:
+    """Grams of the layers ``idx`` (one width) into ``b.out``: by the fast path (recorded in
     ``fast``, checked once the sums are known) where it applies, else by the general one."""
-    chunk = [tensors[i] for i in idx]
-    if kernel == "linear" and all(t.dtype == dtype for t in chunk):
+    chunk, out, dtype = [b.tensors[i] for i in idx], b.out, b.dtype
+    if b.kernel == "linear" and all(t.dtype == dtype for t in chunk):
         consecutive = idx == list(range(idx[0], idx[0] + len(idx)))
         n = chunk[0].shape[0]
         target = (out.layers(idx[0], idx[0] + len(idx)) if consecutive
@@ -353,30 +360,20 @@ def _chunk_grams(
         if not consecutive:
             out.assign(idx, target)
         return
-    _general_grams(tensors, idx, out, scale, constant, sigma, kernel, estimator, rbf_frac, dtype)
+    _general_grams(b, idx)
 
 
-def _general_grams(
-    tensors: list[torch.Tensor],
-    idx: list[int],
-    out: GramBlocks,
-    scale: torch.Tensor,
-    constant: torch.Tensor,
-    sigma: torch.Tensor | None,
-    kernel: str,
-    estimator: str,
-    rbf_frac: float,
-    dtype: torch.dtype,
-) -> None:
-    """Grams of the layers ``idx`` (one width) from scaled, centred features; fills scale, constant, sigma."""
-    chunk = [tensors[i] for i in idx]
+def _general_grams(b: _Batch, idx: list[int]) -> None:
+    """Grams of the layers ``idx`` (one width) from scaled, centred features; fills their
+    scale, constant flag and sigma in ``b``."""
+    chunk, out, dtype, estimator = [b.tensors[i] for i in idx], b.out, b.dtype, b.estimator
     device = out.device
     single = len(idx) == 1  # reductions to one value: one thread whatever the load (see one_thread)
     with one_thread(single):
         x, s, offset_sq = scaled_stack(chunk, dtype)
     n = x.shape[1]
     sel = torch.tensor(idx, device=device)
-    if kernel == "linear":
+    if b.kernel == "linear":
         blocks = GramBlocks.empty(len(idx), n, out.parts, dtype, device)
         blocks.multiply(x)
         out.assign(idx, blocks)
@@ -386,15 +383,15 @@ def _general_grams(
         # RBF grams are whole (one part): consecutive layers are written in place.
         consecutive = idx == list(range(idx[0], idx[0] + len(idx)))
         whole = out.diag[idx[0] : idx[0] + len(idx), 0] if consecutive and out.parts == 1 else None
-        g, sg = gram_rbf(x, rbf_frac, out=whole)
-        sigma[idx] = sg / s  # type: ignore[index]  # back in the features' own units
+        g, sg = gram_rbf(x, b.rbf_frac, out=whole)
+        b.sigma[idx] = sg / s  # type: ignore[index]  # back in the features' own units
         with one_thread(single):
             centred_sq = x.square().sum((1, 2)).to(torch.float64)
             narrow = _rbf_shift(g, estimator, dtype)
             if whole is None:
                 out.assign(idx, g)
-    constant[sel] = _constant(chunk, dtype, centred_sq, offset_sq) | narrow
-    scale[sel] = s
+    b.constant[sel] = _constant(chunk, dtype, centred_sq, offset_sq) | narrow
+    b.scale[sel] = s
 
 
 def _rbf_shift(g: torch.Tensor, estimator: str, dtype: torch.dtype) -> torch.Tensor:
