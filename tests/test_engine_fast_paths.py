@@ -109,7 +109,7 @@ def test_a_shift_its_sampled_rows_misjudge_is_found_from_the_gram_and_the_layer_
     out = GramBlocks.empty(2, n, parts_for(n), torch.float32, "cpu")
     trace, shift_sq, peak = fast_linear_grams([torch.from_numpy(x), torch.from_numpy(y[:, :1].repeat(6, 1))], out, GramWork())
     assert (shift_sq[0].item() > 0) == (case == "sample off-centre")
-    _, redo = fast_checks(trace, shift_sq, peak, out.row_sums().sum(-1), n, 1e-5)
+    _, redo = fast_checks(trace, shift_sq, peak, out.row_sums().sum(-1), n, torch.float32)
     assert redo.tolist() == [True, False]
     redone: list[list[int]] = []
     general = minibatch._general_grams
@@ -131,7 +131,7 @@ def test_a_layer_with_an_offset_is_shifted_by_its_sampled_rows_and_kept():
     assert 0 < residual.item() < 0.25 * centred.item()
     x64 = x.astype(np.float64)
     assert centred.item() == pytest.approx(np.square(x64 - x64.mean(0)).sum(), rel=1e-5)
-    constant, redo = fast_checks(trace, shift_sq, peak, residual * 256, 256, 1e-5)
+    constant, redo = fast_checks(trace, shift_sq, peak, residual * 256, 256, torch.float32)
     assert redo.tolist() == [False] and constant.tolist() == [False]
 
 

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cka_geo.functional.precision import pow2_scale
+from cka_geo.functional.precision import is_constant, pow2_scale
 
 if TYPE_CHECKING:
     from cka_geo.functional.blocks import GramBlocks
@@ -240,7 +240,7 @@ def fast_linear_grams(
 
 
 def fast_checks(
-    trace: torch.Tensor, shift_sq: torch.Tensor, peak: torch.Tensor, sum_all: torch.Tensor, n: int, tau: float
+    trace: torch.Tensor, shift_sq: torch.Tensor, peak: torch.Tensor, sum_all: torch.Tensor, n: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What :func:`fast_linear_grams`' grams kept, from their own sums: (constant, redo) per layer.
 
@@ -248,7 +248,8 @@ def fast_checks(
     r = n ‖μ − c‖² the gram kept, and its trace less r the centred energy ‖X_c‖². A layer is
     redone by the scaled, centred path when its largest diagonal entry left the safe range
     [2⁻⁴⁰, 2⁴⁰] (features far from unit magnitude, constant, NaN or Inf) or r exceeds ‖X_c‖².
-    The constant rule is ‖X_c‖² ≤ τ² E with E = ‖X − 1cᵀ‖² + n ‖c‖² (‖X‖² for a layer not
+    The constant rule (:func:`~cka_geo.functional.precision.is_constant`) is ‖X_c‖² ≤ τ² E
+    with E = ‖X − 1cᵀ‖² + n ‖c‖² (‖X‖² for a layer not
     shifted; for a shifted one it differs from ‖X‖² by 2n c·(μ − c), a relative O(τ) where
     the rule decides).
 
@@ -258,12 +259,12 @@ def fast_checks(
         peak: (L,) float64 largest diagonal entries.
         sum_all: (L,) float64 1ᵀK1 of the whole grams, diagonal included.
         n: Rows of the batch.
-        tau: The constant rule's τ.
+        dtype: The features' (and grams') dtype, which sets τ.
     """
     residual = sum_all / n
     centred = trace - residual
     redo = ~((peak >= _LOW) & (peak <= _HIGH)) | ~(residual <= centred)  # NaN: redo
-    return centred <= tau**2 * (trace + shift_sq), redo
+    return is_constant(centred, trace + shift_sq, dtype), redo
 
 
 def scaled_stack(chunk: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

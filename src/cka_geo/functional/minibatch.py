@@ -275,11 +275,12 @@ def batch_grams(
         for idx in _chunks(tensors, n, dtype):
             _chunk_grams(b, idx, work, fast)
     rows, sq = _sums(out, estimator)
+    total = rows.sum(-1)
     if fast.idx:
         # The fast path's grams are checked from their own sums (one host sync); the layers
         # they send back are redone by the scaled, centred path and their sums taken again.
-        sum_all = rows.sum(-1) + (fast.trace if estimator == "unbiased" else 0.0)
-        is_const, redo = fast_checks(fast.trace, fast.shift_sq, fast.peak, sum_all, n, constant_tol(dtype))
+        sum_all = total + (fast.trace if estimator == "unbiased" else 0.0)
+        is_const, redo = fast_checks(fast.trace, fast.shift_sq, fast.peak, sum_all, n, dtype)
         b.constant = torch.where(fast.mask, is_const, b.constant)
         again = (redo & fast.mask).nonzero().flatten().tolist()
         if again:
@@ -290,7 +291,8 @@ def batch_grams(
             for i in again:  # the redone layers' sums alone (one layer's sums: its bits in any stack)
                 with one_thread(always=True):
                     rows[i], sq[i] = (s[0] for s in _sums(out.layers(i, i + 1), estimator))
-    return BatchGrams(names, n, out, rows, rows.sum(-1), sq, b.scale, b.constant, b.sigma, kernel, feats)
+            total = rows.sum(-1)
+    return BatchGrams(names, n, out, rows, total, sq, b.scale, b.constant, b.sigma, kernel, feats)
 
 
 @dataclass
